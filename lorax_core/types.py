@@ -1,0 +1,349 @@
+"""Data types shared by every part of the core.
+
+Conventions (used everywhere in ``lorax_core``):
+
+* A LoRA layer's update is ``ΔW = scale · up @ down`` with ``up`` of shape ``(out, r)`` and
+  ``down`` of shape ``(r, in)``; ``scale = alpha / r`` when ``alpha`` is given, else 1
+  (kohya / ComfyUI ``LoRAAdapter`` convention). Conv layers keep their file shapes:
+  ``up`` is ``(out, r, 1, 1)`` and ``down`` is ``(r, in, kh, kw)``; the maths works on the
+  flattened ``(out, in·kh·kw)`` view (:meth:`LoraFactors.up2d` / :meth:`LoraFactors.down2d`).
+* A LoRA-X layer is ``ΔW = U_R · core · V_Rᵀ`` where ``U_R``/``V_R`` are the top-R singular
+  bases of the *source* base weight (LoRA-X, arXiv 2501.16559, Eq. 1–2) and ``core`` is the
+  diagonal ΔΣ (shape ``(R,)``) or a full ``(R, R)`` matrix.
+* Model weights are addressed by *model keys*: the host's state-dict names, e.g.
+  ``diffusion_model.input_blocks.1.1.proj_in.weight``. LoRA files address layers by their
+  own *layer names* (``lora_unet_…``); the formats layer resolves one to the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from .errors import OptionError, ShapeMismatchError
+
+__all__ = [
+    "METHODS",
+    "AdapterLayer",
+    "DictWeights",
+    "LayerReport",
+    "LoraFactors",
+    "LoraXFactors",
+    "Method",
+    "Status",
+    "TransferOptions",
+    "TransferReport",
+    "TransferResult",
+    "WeightSource",
+]
+
+Method = Literal["auto", "lorax", "prolora", "exact", "project", "copy"]
+METHODS: tuple[str, ...] = ("auto", "lorax", "prolora", "exact", "project", "copy")
+Status = Literal["transferred", "skipped"]
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One standard LoRA layer, ``ΔW = scale · up @ down``.
+
+    Attributes:
+        up: ``(out, r)``, or ``(out, r, 1, 1)`` for conv layers. Any float dtype/device.
+        down: ``(r, in)``, or ``(r, in, kh, kw)`` for conv layers. Same dtype/device as ``up``.
+        alpha: kohya-style alpha; ``None`` means scale 1.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.up.ndim not in (2, 4) or self.down.ndim not in (2, 4):
+            raise ShapeMismatchError(
+                f"LoRA factors must be 2-D (linear) or 4-D (conv); got up {tuple(self.up.shape)} and "
+                f"down {tuple(self.down.shape)}. Check that the file is a LoRA (lora_up/lora_down) file."
+            )
+        if self.up.shape[1] != self.down.shape[0]:
+            raise ShapeMismatchError(
+                f"LoRA rank mismatch: up {tuple(self.up.shape)} has rank {self.up.shape[1]} but down "
+                f"{tuple(self.down.shape)} has rank {self.down.shape[0]}; the file is corrupt or its up/down "
+                "tensors are swapped."
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank`` (1.0 without alpha, or for a rank-0 layer)."""
+        if self.alpha is None or self.rank == 0:
+            return 1.0
+        return float(self.alpha) / self.rank
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        """Width of the flattened input side, ``in·kh·kw`` for conv layers."""
+        return math.prod(int(d) for d in self.down.shape[1:])
+
+    @property
+    def kernel(self) -> tuple[int, ...] | None:
+        """``(in, kh, kw)`` for conv layers, ``None`` for linear ones."""
+        return tuple(int(d) for d in self.down.shape[1:]) if self.down.ndim == 4 else None
+
+    def up2d(self) -> torch.Tensor:
+        """``up`` as ``(out, r)`` (a view; no copy)."""
+        return self.up.reshape(self.up.shape[0], self.up.shape[1])
+
+    def down2d(self) -> torch.Tensor:
+        """``down`` as ``(r, in·kh·kw)`` (a view; no copy)."""
+        return self.down.reshape(self.down.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class LoraXFactors:
+    """One LoRA-X layer: ``ΔW = U_R · core · V_Rᵀ`` in the source weight's top-R bases.
+
+    Attributes:
+        core: ``(R,)`` diagonal ΔΣ (the paper's parameterisation) or a full ``(R, R)`` core.
+        shape: the base weight's shape, ``(out, in)`` or ``(out, in, kh, kw)``; the basis is
+            recomputed from the source weight at transfer time (fp32 SVD, deterministic signs).
+    """
+
+    core: torch.Tensor
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.core.ndim not in (1, 2) or (self.core.ndim == 2 and self.core.shape[0] != self.core.shape[1]):
+            raise ShapeMismatchError(
+                f"LoRA-X core must be a vector (R,) or a square matrix (R, R); got {tuple(self.core.shape)}."
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.core.shape[0])
+
+
+AdapterLayer = LoraFactors | LoraXFactors
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    """Read-only, lazy access to a base model's weights by model key.
+
+    Implementations read one tensor at a time (memory-mapped files, a ComfyUI ``ModelPatcher``)
+    so that two full models are never held in memory. ``get`` may return any dtype on any
+    device; callers upcast to float32 themselves.
+    """
+
+    @property
+    def fingerprint(self) -> str:
+        """A cheap, stable identifier of the weights (used for caching and provenance)."""
+        ...
+
+    def keys(self) -> Iterable[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class DictWeights:
+    """A :class:`WeightSource` over an in-memory ``{model key: tensor}`` mapping.
+
+    The fingerprint defaults to a hash of the key names, shapes and a strided sample of each
+    tensor's values, so two different synthetic models never share cache entries.
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], fingerprint: str | None = None) -> None:
+        self._weights = dict(weights)
+        self._fingerprint = fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for key in sorted(self._weights):
+                t = self._weights[key]
+                h.update(key.encode())
+                h.update(str(tuple(t.shape)).encode())
+                flat = t.detach().reshape(-1)
+                step = max(1, flat.numel() // 64)
+                h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._weights[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._weights[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._weights
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """Options of a transfer; every field is documented in the README's method section.
+
+    Attributes:
+        method: ``lorax`` (LoRA-X Eq. 3, for LoRA-X adapters), ``prolora`` (ProLoRA's two-term
+            subspace/complement split, arXiv 2506.04244), ``exact`` (the four-block variant that
+            also keeps the cross blocks ProLoRA drops), ``project`` (plain Eq. 3 applied to a
+            LoRA), ``copy`` (unchanged factors: what stock ComfyUI does), ``auto`` (see
+            ``transfer.choose_method``).
+        rank: R, the subspace rank (paper: 320), clipped per layer to ``min(out, in)``.
+        threshold: c in ``τ = chance + c·(1 − chance)``, the fraction of the way from chance
+            level to perfect overlap a layer must reach to be transferred. In ``[0, 1]``.
+        force: transfer layers below the threshold anyway (they are still reported).
+        output_rank: re-compress every transferred layer to at most this rank (``None`` keeps
+            the natural rank: r for copy/project, ≤2r prolora, ≤4r exact, R for lorax).
+        match: ``name`` pairs layers by model key; ``similarity`` pairs same-shape, same-kind
+            layers by optimal assignment on Φ; ``auto`` uses names where the target has the
+            key and similarity matching for the rest.
+        strict: raise :class:`~lorax_core.errors.NothingTransferableError`-style errors on any
+            skipped layer instead of reporting it.
+        device: where the linear algebra runs (``"cpu"``, ``"cuda"``, …).
+    """
+
+    method: Method = "auto"
+    rank: int = 320
+    threshold: float = 0.5
+    force: bool = False
+    output_rank: int | None = None
+    match: Literal["name", "similarity", "auto"] = "auto"
+    strict: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise OptionError(f"method {self.method!r} is not one of {', '.join(METHODS)}.")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise OptionError(f"rank must be a positive integer (the paper uses 320); got {self.rank!r}.")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise OptionError(
+                f"threshold must be in [0, 1] (0 = chance level, 1 = identical subspaces); got {self.threshold!r}."
+            )
+        if self.output_rank is not None and (not isinstance(self.output_rank, int) or self.output_rank < 1):
+            raise OptionError(f"output_rank must be a positive integer or None; got {self.output_rank!r}.")
+        if self.match not in ("name", "similarity", "auto"):
+            raise OptionError(f"match must be 'name', 'similarity' or 'auto'; got {self.match!r}.")
+
+
+@dataclass
+class LayerReport:
+    """What happened to one LoRA layer. JSON-serialisable via :meth:`TransferReport.to_dict`.
+
+    ``key`` is the layer's name as the user knows it (the LoRA file's layer name when known,
+    else the model key). Similarity fields are ``None`` when the layer never got that far.
+    """
+
+    key: str
+    status: Status
+    reason: str
+    method: str
+    source_key: str | None = None
+    target_key: str | None = None
+    source_shape: tuple[int, ...] | None = None
+    target_shape: tuple[int, ...] | None = None
+    phi_left: float | None = None
+    phi_right: float | None = None
+    chance: float | None = None
+    similarity_rank: int | None = None
+    threshold: float | None = None
+    norm_source: float | None = None
+    norm_target: float | None = None
+    energy_kept: float | None = None
+    output_rank: int | None = None
+
+
+@dataclass
+class TransferReport:
+    """Per-layer records plus totals. Nothing is dropped without a record."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    options: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def transferred(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.status == "transferred"]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.status == "skipped"]
+
+    def totals(self) -> dict[str, object]:
+        reasons: dict[str, int] = {}
+        for r in self.skipped:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+        return {
+            "layers": len(self.layers),
+            "transferred": len(self.transferred),
+            "skipped": len(self.skipped),
+            "skipped_by_reason": reasons,
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "options": dict(self.options),
+            "totals": self.totals(),
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+
+    def summary(self, max_rows: int = 12) -> str:
+        """A short human-readable text: totals, skip reasons, and the least similar transferred layers."""
+        totals = self.totals()
+        lines = [
+            f"LoRA-X transfer: {totals['transferred']} of {totals['layers']} layers transferred, "
+            f"{totals['skipped']} skipped."
+        ]
+        reasons: dict[str, int] = {}
+        for r in self.skipped:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  skipped {n}: {reason}")
+
+        def phi(r: LayerReport) -> float:
+            values = [v for v in (r.phi_left, r.phi_right) if v is not None]
+            return min(values) if values else 1.0
+
+        for r in sorted(self.transferred, key=phi)[:max_rows]:
+            kept = "n/a" if r.energy_kept is None else f"{r.energy_kept:.3f}"
+            chance = "n/a" if r.chance is None else f"{r.chance:.3f}"
+            lines.append(
+                f"  {r.key}: {r.method}, Φ={phi(r):.3f} (chance {chance}), energy kept {kept}, rank {r.output_rank}"
+            )
+        return "\n".join(lines)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+@dataclass
+class TransferResult:
+    """The transferred adapter keyed by *target* model key, and the report."""
+
+    layers: dict[str, LoraFactors]
+    report: TransferReport
