@@ -1,0 +1,536 @@
+"""The command line: ``python -m lorax_core transfer | similarity | inspect``.
+
+A thin host around the core, like the ComfyUI nodes: it reads files (:mod:`lorax_core.formats`,
+:mod:`lorax_core.modelio`), resolves LoRA layer names to model keys, calls one core function,
+writes the result, and turns the core's ``progress(done, total)`` callback into a tqdm bar.
+Bad input never shows a traceback: every :class:`~lorax_core.errors.LoraxError` becomes one line
+``lorax_core <command>: error: <message>`` on stderr and exit status 2. See docs/CLI.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import (
+    FormatError,
+    LoraxError,
+    NothingTransferableError,
+    OptionError,
+    OutputExistsError,
+    ShapeMismatchError,
+)
+from .formats import LoraFile, looks_like_lora, read_keys, read_lora, write_lora
+from .formats.family import guess_family
+from .formats.io import TOOL_VERSION, check_output_path
+from .formats.resolve import KeyMap, layer_name_for, resolve_layers
+from .modelio import SafetensorsWeights, open_model
+from .types import METHODS, AdapterLayer, LoraFactors, TransferOptions
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["build_parser", "main"]
+
+PROG = "lorax_core"
+# Source metadata that describes the source file itself and would be wrong for the output.
+_STALE_METADATA = ("ss_network_dim", "ss_network_alpha", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render docs/CLI.md's usage blocks)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {PROG}",
+        description=(
+            "Move LoRA adapters from one base model to another without data or training "
+            "(LoRA-X, arXiv 2501.16559; ProLoRA, arXiv 2506.04244)."
+        ),
+        epilog="Exit status: 0 on success, 2 on bad input (one line on stderr says what and how to fix it).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {TOOL_VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "transfer",
+        help="transfer a LoRA from a source base model to a target base model",
+        description="Transfer a LoRA trained on SOURCE so that it works on TARGET, layer by layer, "
+        "keeping only layers whose weight subspaces are similar enough.",
+    )
+    t.add_argument("--source", required=True, type=Path, help="base model the LoRA was trained on (.safetensors)")
+    t.add_argument("--target", required=True, type=Path, help="base model to move the LoRA to (.safetensors)")
+    t.add_argument("--lora", required=True, type=Path, help="the LoRA (kohya, ComfyUI, PEFT/diffusers or LoRA-X)")
+    t.add_argument("--out", required=True, type=Path, help="output LoRA file (.safetensors)")
+    t.add_argument("--method", choices=METHODS, default="auto", help="transfer method (default: %(default)s)")
+    t.add_argument(
+        "--rank", type=int, default=320, help="subspace rank R per layer (default: %(default)s, as the paper)"
+    )
+    t.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="c in τ = chance + c·(1 − chance): how far above chance Φ must be (default: %(default)s)",
+    )
+    t.add_argument("--output-rank", type=int, default=None, help="re-compress every output layer to this rank")
+    t.add_argument(
+        "--match", choices=("auto", "name", "similarity"), default="auto", help="layer pairing (default: %(default)s)"
+    )
+    t.add_argument("--force", action="store_true", help="transfer layers below the threshold too (still reported)")
+    t.add_argument("--strict", action="store_true", help="fail instead of skipping any layer")
+    t.add_argument(
+        "--style",
+        choices=("source", "comfy"),
+        default="source",
+        help="output key style: the source file's (default) or ComfyUI-native diffusion_model.* names",
+    )
+    t.add_argument("--report", type=Path, default=None, help="write the per-layer report as JSON here")
+    _common(t, comfyui=True, cache=True)
+
+    s = sub.add_parser(
+        "similarity",
+        help="print per-layer subspace similarity (Φ_left, Φ_right, chance, verdict) of two base models",
+        description="Compare the top-R singular subspaces of matching weights in two base models. "
+        "With --lora, only the layers the LoRA patches; without, every 2-D/4-D weight both models have.",
+    )
+    s.add_argument("--source", required=True, type=Path, help="first base model (.safetensors)")
+    s.add_argument("--target", required=True, type=Path, help="second base model (.safetensors)")
+    s.add_argument("--lora", type=Path, default=None, help="only compare the layers this LoRA patches")
+    s.add_argument("--rank", type=int, default=320, help="subspace rank R (default: %(default)s)")
+    s.add_argument("--threshold", type=float, default=0.5, help="c of the threshold rule (default: %(default)s)")
+    s.add_argument("--json", type=Path, default=None, dest="json_out", help="also write the table as JSON here")
+    _common(s, comfyui=True, cache=True)
+
+    i = sub.add_parser(
+        "inspect",
+        help="say what a LoRA or model file is (format, family guess, layers, ranks, metadata)",
+        description="Describe a .safetensors LoRA or model file; only the header is read for models.",
+    )
+    i.add_argument("file", type=Path, help="a LoRA or model .safetensors file")
+    i.add_argument("--json", action="store_true", dest="as_json", help="print JSON instead of text")
+    return parser
+
+
+def _common(p: argparse.ArgumentParser, *, comfyui: bool, cache: bool) -> None:
+    p.add_argument("--device", default="cpu", help="where the linear algebra runs: cpu, cuda, cuda:1 … (default: cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if comfyui:
+        p.add_argument(
+            "--comfyui",
+            type=Path,
+            default=None,
+            metavar="PATH",
+            help="a ComfyUI install whose key maps resolve diffusers-style layer names (loads the source model there)",
+        )
+    if cache:
+        p.add_argument("--cache-dir", type=Path, default=None, help="subspace cache folder (default: ~/.cache/lorax)")
+        p.add_argument("--no-cache", action="store_true", help="do not read or write the subspace cache")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "transfer": _cmd_transfer,
+        "similarity": _cmd_similarity,
+        "inspect": _cmd_inspect,
+    }
+    try:
+        return commands[args.command](args)
+    except LoraxError as exc:
+        message = " ".join(str(exc).split())
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------- transfer
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from .transfer import transfer_adapter
+
+    check_output_path(args.out, overwrite=args.overwrite)
+    if args.report is not None:
+        _check_text_output(args.report, args.overwrite)
+    options = TransferOptions(
+        method=args.method,
+        rank=args.rank,
+        threshold=args.threshold,
+        force=args.force,
+        output_rank=args.output_rank,
+        match=args.match,
+        strict=args.strict,
+        device=args.device,
+    )
+    source, target = open_model(args.source), open_model(args.target)
+    key_map, convert = _comfyui_key_map(args.comfyui, args.source) if args.comfyui else (None, None)
+    lora = read_lora(args.lora, key_transform=convert)
+    layers, names, skipped = prepare_layers(lora, source, key_map)
+    with _progress("transfer", args.quiet) as progress:
+        result = transfer_adapter(
+            layers,
+            source,
+            target,
+            options,
+            names=names,
+            skipped=skipped,
+            cache=_cache(args),
+            progress=progress,
+        )
+    out_layers = output_layers(result.layers, names, lora, args.style)
+    metadata = output_metadata(lora, source, target, args, result.report.totals())
+    write_lora(
+        args.out,
+        out_layers,
+        style="comfy" if args.style == "comfy" else lora,
+        metadata=metadata,
+        overwrite=args.overwrite,
+    )
+    if args.report is not None:
+        _write_text(args.report, result.report.to_json(), args.overwrite)
+    print(result.report.summary())
+    print(f"wrote {args.out}" + (f" and {args.report}" if args.report is not None else ""))
+    return 0
+
+
+def prepare_layers(
+    lora: LoraFile, source: SafetensorsWeights, key_map: KeyMap | None = None
+) -> tuple[dict[str, AdapterLayer], dict[str, str], dict[str, str]]:
+    """Resolve a LoRA's layers to source model keys and check their shapes.
+
+    Returns:
+        ``(layers by model key, {model key: layer name}, {layer name: skip reason})``; the skip
+        reasons cover unsupported adapter types, unresolved names and shape mismatches.
+
+    Raises:
+        NothingTransferableError: the file has no transferable layer at all.
+        ShapeMismatchError: every resolved layer's shape differs from the source weight's (the
+            LoRA belongs to another base model).
+    """
+    skipped = dict(lora.unsupported)
+    if not lora.layers:
+        raise NothingTransferableError(
+            f"{lora.path}: none of its {len(skipped)} layers is a transferable LoRA layer "
+            f"({_reason_counts(skipped.values())})."
+        )
+    resolved, unresolved = resolve_layers(lora.layers, source.keys(), key_map)
+    skipped.update(unresolved)
+    layers: dict[str, AdapterLayer] = {}
+    names: dict[str, str] = {}
+    mismatches: list[str] = []
+    for name, key in resolved.items():
+        layer = lora.layers[name]
+        problem = _shape_problem(layer, source.shape(key))
+        if problem:
+            skipped[name] = problem
+            mismatches.append(f"{name}: {problem}")
+            continue
+        layers[key], names[key] = layer, name
+    if not layers:
+        if mismatches:
+            raise ShapeMismatchError(
+                f"{lora.path}: no layer fits {source.path} ({len(mismatches)} shape mismatches, e.g. {mismatches[0]}). "
+                "Is this LoRA for another base model family? Pass the model it was trained on as --source."
+            )
+        raise NothingTransferableError(
+            f"{lora.path}: none of its {len(lora.layers) + len(lora.unsupported)} layers could be used with "
+            f"{source.path} ({_reason_counts(skipped.values())})."
+        )
+    return layers, names, skipped
+
+
+def _shape_problem(layer: AdapterLayer, weight_shape: tuple[int, ...]) -> str:
+    out_dim = int(weight_shape[0]) if weight_shape else 0
+    in_dim = math.prod(int(d) for d in weight_shape[1:]) if len(weight_shape) > 1 else 0
+    if isinstance(layer, LoraFactors):
+        if (layer.out_features, layer.in_features) == (out_dim, in_dim):
+            return ""
+        mine = f"{layer.out_features}×{layer.in_features}"
+    else:
+        if tuple(layer.shape) == tuple(weight_shape):
+            return ""
+        mine = "×".join(str(d) for d in layer.shape)
+    theirs = "×".join(str(d) for d in weight_shape)
+    return f"shape mismatch: the LoRA layer is {mine} but the source weight is {theirs}"
+
+
+def output_layers(
+    transferred: Mapping[str, LoraFactors], names: Mapping[str, str], lora: LoraFile, style: str
+) -> dict[str, LoraFactors]:
+    """Name transferred layers (keyed by target model key) for writing.
+
+    In ``source`` style a layer keeps the name the source file used for that model key (names
+    are model-key based, and source and target share key names); keys the source file did not
+    name get a kohya or ComfyUI-native name (:func:`~lorax_core.formats.resolve.layer_name_for`).
+    In ``comfy`` style every layer gets its ComfyUI-native name.
+    """
+    out: dict[str, LoraFactors] = {}
+    for key, factors in transferred.items():
+        if style == "comfy":
+            name = layer_name_for(key, "comfy")
+        else:
+            name = names.get(key) or layer_name_for(key, lora.format)
+        out[name] = factors
+    return out
+
+
+def output_metadata(
+    lora: LoraFile,
+    source: SafetensorsWeights,
+    target: SafetensorsWeights,
+    args: argparse.Namespace,
+    totals: Mapping[str, object],
+) -> dict[str, str]:
+    """String metadata for the output: provenance plus the source's training metadata.
+
+    The source LoRA's metadata is kept (trigger words, training tags) except fields that
+    describe the source file itself (its hashes, network dim/alpha).
+    """
+    meta = {k: v for k, v in lora.metadata.items() if k not in _STALE_METADATA and not k.startswith("lorax.")}
+    meta.update(
+        {
+            "lorax.method": str(args.method),
+            "lorax.rank": str(args.rank),
+            "lorax.threshold": str(args.threshold),
+            "lorax.output_rank": "" if args.output_rank is None else str(args.output_rank),
+            "lorax.source_lora": Path(args.lora).name,
+            "lorax.source_format": lora.format,
+            "lorax.source_model": source.path.name,
+            "lorax.source_fingerprint": source.fingerprint,
+            "lorax.target_model": target.path.name,
+            "lorax.target_fingerprint": target.fingerprint,
+            "lorax.transferred": str(totals.get("transferred", "")),
+            "lorax.skipped": str(totals.get("skipped", "")),
+            "lorax.tool_version": TOOL_VERSION,
+        }
+    )
+    return meta
+
+
+# ---------------------------------------------------------------- similarity
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    from .similarity import compute_similarity
+
+    if args.json_out is not None:
+        _check_text_output(args.json_out, args.overwrite)
+    source, target = open_model(args.source), open_model(args.target)
+    if args.lora is not None:
+        key_map, convert = _comfyui_key_map(args.comfyui, args.source) if args.comfyui else (None, None)
+        lora = read_lora(args.lora, key_transform=convert)
+        layers, names, _ = prepare_layers(lora, source, key_map)
+        keys = list(layers)
+    else:
+        names = {}
+        keys = [k for k in source.keys() if len(source.shape(k)) in (2, 4)]
+    pairs = [(k, k) for k in keys if k in target]
+    if not pairs:
+        raise FormatError(
+            f"{args.source} and {args.target} share no 2-D/4-D weight names to compare; are they the same model family?"
+        )
+    with _progress("similarity", args.quiet) as progress:
+        table = compute_similarity(
+            source,
+            target,
+            pairs,
+            rank=args.rank,
+            threshold=args.threshold,
+            cache=_cache(args),
+            device=args.device,
+            progress=progress,
+        )
+    rows = [("layer", "Φ_left", "Φ_right", "chance", "threshold", "verdict")]
+    for e in table.entries:
+        verdict = "pass" if e.passed else ("below" if e.phi is not None else f"not compared: {e.reason}")
+        rows.append(
+            (names.get(e.source_key, e.source_key), _fmt(e.phi_left), _fmt(e.phi_right), _fmt(e.chance),
+             _fmt(e.threshold), verdict)
+        )  # fmt: skip
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    for r in rows:
+        print(
+            "  ".join(cell.ljust(widths[c]) if c == 0 else cell.rjust(widths[c]) for c, cell in enumerate(r[:5])), r[5]
+        )
+    print(f"{sum(e.passed for e in table.entries)} of {len(table.entries)} layers pass.")
+    if args.json_out is not None:
+        _write_text(args.json_out, json.dumps(table.to_dict(), indent=2), args.overwrite)
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_file(args.file)
+    if args.as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:" + ("" if value else " (none)"))
+            for k, v in value.items():
+                print(f"  {k}: {_short(str(v))}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def inspect_file(path: Path) -> dict[str, object]:
+    """A JSON-able description of a LoRA or model file (what ``inspect`` prints)."""
+    keys, shapes, metadata = read_keys(path)
+    family = guess_family(shapes, metadata)
+    if looks_like_lora(keys):
+        lora = read_lora(path)
+        ranks = Counter(layer.rank for layer in lora.layers.values())
+        convs = sum(1 for layer in lora.layers.values() if isinstance(layer, LoraFactors) and layer.kernel is not None)
+        alphas = Counter(
+            "none" if getattr(layer, "alpha", None) is None else f"{layer.alpha:g}" for layer in lora.layers.values()
+        )  # type: ignore[union-attr]
+        return {
+            "file": str(path),
+            "kind": "LoRA",
+            "format": lora.format,
+            "family": family,
+            "layers": len(lora.layers),
+            "conv layers": convs,
+            "ranks": {str(r): n for r, n in sorted(ranks.items())},
+            "alphas": dict(sorted(alphas.items())),
+            "not transferable": {reason: n for reason, n in Counter(lora.unsupported.values()).most_common()},
+            "metadata": dict(sorted(metadata.items())),
+        }
+    weights = SafetensorsWeights(path)
+    params = sum(math.prod(s) for s in shapes.values())
+    encoders = sorted({k.split(".")[1] for k in weights.keys() if k.startswith("text_encoders.")})
+    return {
+        "file": str(path),
+        "kind": "model (full checkpoint)" if weights.is_checkpoint else "model (diffusion model only)",
+        "family": family,
+        "tensors": len(keys),
+        "parameters": params,
+        "diffusion model weights": sum(1 for k in weights.keys() if k.startswith("diffusion_model.")),
+        "text encoders": ", ".join(encoders) or "none",
+        "fingerprint": weights.fingerprint,
+        "metadata": dict(sorted(metadata.items())),
+    }
+
+
+def _short(text: str, limit: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _progress(desc: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback driving a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="layer", disable=True if quiet else None, leave=False, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _cache(args: argparse.Namespace) -> object:
+    from .cache import open_cache
+
+    return open_cache(args.cache_dir, enabled=not args.no_cache)
+
+
+def _reason_counts(reasons: object) -> str:
+    counts = Counter(reasons)  # type: ignore[call-overload]
+    parts = [f"{n}× {reason}" for reason, n in counts.most_common(3)]
+    if len(counts) > 3:
+        parts.append(f"{len(counts) - 3} other reasons")
+    return "; ".join(parts) or "no layers"
+
+
+def _check_text_output(path: Path, overwrite: bool) -> None:
+    if not path.parent.is_dir():
+        raise FormatError(f"{path}: the folder {path.parent} does not exist; create it first.")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: the file already exists; choose another name or pass --overwrite.")
+
+
+def _write_text(path: Path, text: str, overwrite: bool) -> None:
+    """Write a text file atomically (temporary file in the same folder, then rename)."""
+    _check_text_output(path, overwrite)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False, encoding="utf-8") as fh:  # fmt: skip
+        fh.write(text)
+    Path(fh.name).replace(path)
+
+
+def _comfyui_key_map(
+    root: Path, model_path: Path
+) -> tuple[dict[str, str | tuple[str, object]], Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]:
+    """ComfyUI's LoRA key map for the source model, and its LoRA key converter.
+
+    This is the one place ``lorax_core`` touches ComfyUI, and only behind ``--comfyui``: the
+    per-family tables that map diffusers block names onto the original UNet layout are
+    ComfyUI's (GPL), so we call them instead of copying them. The source model is loaded by
+    ComfyUI on the CPU (its weights are needed to detect the family). Text-encoder targets are
+    moved into the ``text_encoders.`` namespace of :mod:`lorax_core.modelio`.
+
+    Raises:
+        OptionError: PATH is not a ComfyUI install.
+        FormatError: ComfyUI could not load the model.
+    """
+    root = root.expanduser().resolve()
+    if not (root / "comfy" / "lora.py").is_file():
+        raise OptionError(
+            f"--comfyui {root}: not a ComfyUI install (no comfy/lora.py there); pass ComfyUI's root folder."
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    # ComfyUI must be told to stay on the CPU before comfy.model_management is first imported.
+    from comfy.cli_args import args as comfy_args  # noqa: TID251 -- explicit --comfyui flag: reuse ComfyUI's key tables
+
+    comfy_args.cpu = True
+    import comfy.lora  # noqa: TID251 -- explicit --comfyui flag: model_lora_keys_unet/_clip
+    import comfy.lora_convert  # noqa: TID251 -- explicit --comfyui flag: convert_lora
+    import comfy.sd  # noqa: TID251 -- explicit --comfyui flag: load the source model to detect its family
+
+    try:
+        loaded = comfy.sd.load_checkpoint_guess_config(
+            str(model_path), output_vae=False, output_clip=True, output_clipvision=False
+        )
+        model, clip = loaded[0], loaded[1]
+    except Exception:  # not a full checkpoint: try a diffusion-model-only file
+        model, clip = None, None
+    try:
+        if model is None:
+            model = comfy.sd.load_diffusion_model(str(model_path))
+    except Exception as exc:  # ComfyUI raises plain RuntimeError/ValueError for unknown models
+        raise FormatError(f"--comfyui: ComfyUI could not load {model_path} ({exc}).") from None
+    key_map: dict[str, str | tuple[str, object]] = dict(comfy.lora.model_lora_keys_unet(model.model, {}))
+    if clip is not None:
+        for name, target in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items():
+            if isinstance(target, tuple):
+                key_map[name] = (f"text_encoders.{target[0]}", target[1])
+            else:
+                key_map[name] = f"text_encoders.{target}"
+    return key_map, comfy.lora_convert.convert_lora

@@ -1,0 +1,130 @@
+"""What every format handler shares: the parsed-file dataclass and the LoRA pair reader/writer.
+
+A handler (one small module per format) only decides which layers it *claims* and, for
+LoRA-X, how a layer is built; the arithmetic of ``up``/``down``/``alpha`` lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..errors import LoraxError
+from ..types import AdapterLayer, LoraFactors
+from .keys import ALPHA_SUFFIX, PAIR_STYLES, UNSUPPORTED_SUFFIXES, KeyStyle
+
+__all__ = [
+    "FormatHandler",
+    "LayerParts",
+    "LoraFile",
+    "build_pair",
+    "pair_style",
+    "pair_tensors",
+]
+
+LayerParts = Mapping[str, torch.Tensor]
+"""One layer's tensors keyed by suffix, e.g. ``{".lora_down.weight": down, ".alpha": alpha}``."""
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file read into layers.
+
+    Attributes:
+        format: the handler that claimed most layers (``kohya``, ``comfy``, ``peft``, ``lorax``).
+        layers: ``{layer name: LoraFactors | LoraXFactors}`` in the file's dtype, on CPU, with
+            ``alpha`` exactly as read (``None`` when the file had no ``.alpha``).
+        unsupported: ``{layer name or key: reason}`` for everything that is not a transferable
+            layer (LoHa, LoKr, DoRA, tucker, ``.diff`` …, unknown keys). Never silently dropped.
+        metadata: the file's string metadata.
+        styles: ``{layer name: KeyStyle}``, how each layer was spelled (for writing back).
+        layer_formats: ``{layer name: handler name}`` (files may mix styles).
+        path: where it was read from, when read from a file.
+    """
+
+    format: str
+    layers: dict[str, AdapterLayer]
+    unsupported: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    styles: dict[str, KeyStyle] = field(default_factory=dict)
+    layer_formats: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    def ranks(self) -> dict[str, int]:
+        """``{layer name: rank}`` (R for LoRA-X layers)."""
+        return {name: layer.rank for name, layer in self.layers.items()}
+
+
+class FormatHandler(Protocol):
+    """A LoRA format: claims the layers whose names/suffixes it understands and builds them."""
+
+    name: str
+    default_style: KeyStyle
+
+    def claims(self, layer: str, parts: LayerParts) -> bool:
+        """Whether this format understands ``layer`` (by its name and tensor suffixes)."""
+        ...
+
+    def build(self, layer: str, parts: LayerParts) -> tuple[AdapterLayer, KeyStyle] | str:
+        """The layer's factors and key style, or a reason why it is not transferable."""
+        ...
+
+
+def pair_style(parts: LayerParts) -> KeyStyle | None:
+    """The first (down, up) suffix pair of which ``parts`` holds at least one side."""
+    for style in PAIR_STYLES:
+        if style.down in parts or style.up in parts:
+            return style
+    return None
+
+
+def build_pair(layer: str, parts: LayerParts) -> tuple[LoraFactors, KeyStyle] | str:
+    """Build a standard LoRA layer from its suffix → tensor map, or say why it cannot be.
+
+    ``alpha`` is kept exactly as read (a 0-d or 1-element tensor → float); no scale is applied.
+    Conv layers keep their 4-D file shapes (``up (out, r, 1, 1)``, ``down (r, in, kh, kw)``).
+    """
+    reasons = sorted({UNSUPPORTED_SUFFIXES[s] for s in parts if s in UNSUPPORTED_SUFFIXES})
+    if reasons:
+        return "; ".join(reasons)
+    style = pair_style(parts)
+    if style is None:
+        found = ", ".join(sorted(parts))
+        return f"no up/down factors (found only {found}); not a LoRA layer"
+    down, up = parts.get(style.down), parts.get(style.up)
+    if down is None or up is None:
+        missing = style.down if down is None else style.up
+        return f"incomplete LoRA layer: {missing} is missing"
+    if not (down.is_floating_point() and up.is_floating_point()):
+        return f"LoRA factors must be floating point; got {up.dtype} and {down.dtype}"
+    alpha_t = parts.get(ALPHA_SUFFIX)
+    alpha: float | None = None
+    if alpha_t is not None:
+        if alpha_t.numel() != 1:
+            return f"alpha must be a single number; got shape {tuple(alpha_t.shape)}"
+        alpha = float(alpha_t.reshape(()).to(torch.float32))
+    try:
+        factors = LoraFactors(up=up, down=down, alpha=alpha)
+    except LoraxError as exc:
+        return str(exc)
+    return factors, KeyStyle(style.down, style.up, alpha=alpha_t is not None)
+
+
+def pair_tensors(name: str, factors: LoraFactors, style: KeyStyle) -> dict[str, torch.Tensor]:
+    """The file tensors of one LoRA layer in ``style``, with ``alpha = rank`` (or no alpha).
+
+    Every loader (kohya/A1111, ComfyUI, diffusers) computes ``scale = alpha / rank`` (1 without
+    alpha), so writing ``alpha = rank`` — or no alpha — with any other scale folded into ``up``
+    makes them all compute the same ΔW. The fold runs in float32 and returns the factor's dtype.
+    """
+    up = factors.up
+    if factors.scale != 1.0:
+        up = (up.to(torch.float32) * factors.scale).to(factors.up.dtype)
+    out = {f"{name}{style.down}": factors.down, f"{name}{style.up}": up}
+    if style.alpha:
+        out[f"{name}{ALPHA_SUFFIX}"] = torch.tensor(float(factors.rank), dtype=torch.float32)
+    return out

@@ -1,0 +1,171 @@
+"""The naming tables of every LoRA format: the only place key suffixes and prefixes are spelled out.
+
+A LoRA file key is ``<layer name><suffix>``. The suffix says which tensor of the layer it is
+(``down``, ``up``, ``alpha``, or a part of an adapter type we cannot transfer); the layer name
+is the file's own name for the module (``lora_unet_…``, ``diffusion_model.…``, ``unet.…``).
+The handlers in this package and :mod:`.resolve` read these tables; nothing else spells a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ALPHA_SUFFIX",
+    "COMFY_PREFIXES",
+    "COMFY_STYLE",
+    "DIFFUSERS_BLOCK_MARKERS",
+    "KOHYA_PREFIXES",
+    "KOHYA_STYLE",
+    "KOHYA_TEXT_ENCODERS",
+    "LORAX_CORE_SUFFIX",
+    "LORAX_SHAPE_SUFFIX",
+    "MODEL_KEY_PREFIXES",
+    "PAIR_STYLES",
+    "PEFT_PREFIXES",
+    "PEFT_STYLE",
+    "UNSUPPORTED_SUFFIXES",
+    "KeyStyle",
+    "split_key",
+]
+
+
+@dataclass(frozen=True)
+class KeyStyle:
+    """How one layer's tensors are spelled in a file, so a writer can spell them the same way.
+
+    Attributes:
+        down: suffix of the ``(r, in)`` factor, e.g. ``".lora_down.weight"``.
+        up: suffix of the ``(out, r)`` factor, e.g. ``".lora_up.weight"``.
+        alpha: whether the layer carried an ``.alpha`` scalar (written back as ``alpha = rank``).
+    """
+
+    down: str
+    up: str
+    alpha: bool = True
+
+
+# (down, up) suffix pairs. kohya sd-scripts / LyCORIS LoCon / ComfyUI use lora_down/lora_up;
+# PEFT and diffusers use lora_A (= down) / lora_B (= up), optionally with PEFT's adapter name
+# ("default"); older diffusers attention processors used ".lora.down/.lora.up".
+KOHYA_STYLE = KeyStyle(".lora_down.weight", ".lora_up.weight", alpha=True)
+COMFY_STYLE = KOHYA_STYLE
+PEFT_STYLE = KeyStyle(".lora_A.weight", ".lora_B.weight", alpha=False)
+PAIR_STYLES: tuple[KeyStyle, ...] = (
+    KOHYA_STYLE,
+    PEFT_STYLE,
+    KeyStyle(".lora_A.default.weight", ".lora_B.default.weight", alpha=False),
+    KeyStyle(".lora.down.weight", ".lora.up.weight", alpha=False),
+    KeyStyle("_lora.down.weight", "_lora.up.weight", alpha=False),
+    KeyStyle(".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", alpha=False),
+)
+ALPHA_SUFFIX = ".alpha"
+
+# This project's LoRA-X format (see docs/FORMATS.md): a core (R,) or (R, R) and the base
+# weight's shape as an int64 vector.
+LORAX_CORE_SUFFIX = ".lorax_core"
+LORAX_SHAPE_SUFFIX = ".lorax_shape"
+
+# Tensor suffixes of adapter types whose ΔW is not ``up @ down`` (or that need more than the
+# factors), with the reason shown per layer. Checked by longest match, so ".lora_mid.weight"
+# wins over nothing and ".diff_b" over ".diff".
+_LOHA = "LoHa adapter (hada_*): ΔW is a Hadamard product of two low-rank terms, not up·down; not transferable"
+_LOKR = "LoKr adapter (lokr_*): ΔW is a Kronecker product, not up·down; not transferable"
+_FULL = "full weight patch (.diff/.set_weight/norms): not a low-rank adapter; not transferable"
+UNSUPPORTED_SUFFIXES: dict[str, str] = {
+    ".dora_scale": (
+        "DoRA magnitude (dora_scale): DoRA re-normalises the patched weight column by column, which a "
+        "transfer of the up/down factors cannot reproduce; not transferable"
+    ),
+    ".lora_mid.weight": "tucker-decomposed conv LoRA (lora_mid): not transferable yet; re-save it without tucker",
+    ".hada_w1_a": _LOHA,
+    ".hada_w1_b": _LOHA,
+    ".hada_w2_a": _LOHA,
+    ".hada_w2_b": _LOHA,
+    ".hada_t1": _LOHA,
+    ".hada_t2": _LOHA,
+    ".lokr_w1": _LOKR,
+    ".lokr_w2": _LOKR,
+    ".lokr_w1_a": _LOKR,
+    ".lokr_w1_b": _LOKR,
+    ".lokr_w2_a": _LOKR,
+    ".lokr_w2_b": _LOKR,
+    ".lokr_t2": _LOKR,
+    ".diff": _FULL,
+    ".diff_b": _FULL,
+    ".set_weight": _FULL,
+    ".w_norm": _FULL,
+    ".b_norm": _FULL,
+    ".reshape_weight": "weight reshape patch (reshape_weight): not transferable",
+    ".oft_blocks": "OFT adapter (oft_blocks): an orthogonal rotation, not up·down; not transferable",
+    ".rescale": "OFT adapter (rescale): an orthogonal rotation, not up·down; not transferable",
+    ".a1.weight": "GLoRA adapter (a1/a2/b1/b2): not transferable",
+    ".a2.weight": "GLoRA adapter (a1/a2/b1/b2): not transferable",
+    ".b1.weight": "GLoRA adapter (a1/a2/b1/b2): not transferable",
+    ".b2.weight": "GLoRA adapter (a1/a2/b1/b2): not transferable",
+    ".lora_B.bias": "bias patch (lora_B.bias): biases are not low-rank; not transferable",
+    ".lora_up.bias": "bias patch (lora_up.bias): biases are not low-rank; not transferable",
+}
+
+# Layer-name prefixes. kohya / A1111: one prefix per model part, dots turned into underscores.
+KOHYA_PREFIXES: tuple[str, ...] = (
+    "lora_unet_",
+    "lora_te1_",
+    "lora_te2_",
+    "lora_te3_",
+    "lora_te_",
+    "lora_transformer_",
+    "lycoris_",
+)
+# kohya text-encoder prefix → the text encoder it names in the model-key namespace of
+# lorax_core.modelio (``text_encoders.<name>.…``). ``lora_te_`` is the single encoder of
+# SD1.x (CLIP-L) or SD2.x (OpenCLIP-H).
+KOHYA_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
+    "lora_te_": ("clip_l", "clip_h"),
+    "lora_te1_": ("clip_l",),
+    "lora_te2_": ("clip_g",),
+}
+# ComfyUI-native (LoraSave, the trainer): the model key without ".weight".
+COMFY_PREFIXES: tuple[str, ...] = ("diffusion_model.", "text_encoders.")
+# diffusers / PEFT wrappers around the module path.
+PEFT_PREFIXES: tuple[str, ...] = (
+    "base_model.model.",
+    "unet.",
+    "transformer.",
+    "text_encoder_2.",
+    "text_encoder.",
+)
+# The top-level namespaces of model keys (lorax_core.modelio).
+MODEL_KEY_PREFIXES: tuple[str, ...] = ("diffusion_model.", "text_encoders.")
+# Substrings that mark diffusers block names (down_blocks.0.attentions.0…), which map to the
+# original UNet layout only through ComfyUI's per-family tables.
+DIFFUSERS_BLOCK_MARKERS: tuple[str, ...] = (
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "text_model_encoder_layers",
+    "text_model.encoder.layers",
+)
+
+
+def _known_suffixes() -> tuple[str, ...]:
+    suffixes = {ALPHA_SUFFIX, LORAX_CORE_SUFFIX, LORAX_SHAPE_SUFFIX, *UNSUPPORTED_SUFFIXES}
+    for style in PAIR_STYLES:
+        suffixes.update((style.down, style.up))
+    # Longest first, so ".lora_A.default.weight" is tried before ".lora_A.weight"-like tails.
+    return tuple(sorted(suffixes, key=len, reverse=True))
+
+
+_SUFFIXES = _known_suffixes()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """Split a file key into ``(layer name, suffix)`` by the longest known suffix.
+
+    Returns ``None`` for a key with no known suffix (reported by the reader as unrecognised).
+    An empty layer name (the key *is* a suffix) is also ``None``.
+    """
+    for suffix in _SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], suffix
+    return None

@@ -1,0 +1,190 @@
+"""Lazy, memory-mapped reading of base models from ``.safetensors`` files.
+
+:class:`SafetensorsWeights` implements :class:`lorax_core.types.WeightSource`: it reads the header
+once and then one tensor per :meth:`~SafetensorsWeights.get` call through ``safetensors.safe_open``
+(memory-mapped), so transferring a LoRA touches only the layers the LoRA patches.
+
+Model-key namespace (the keys :meth:`~SafetensorsWeights.keys` returns):
+
+=========================================  ==========================================
+file key                                   model key
+=========================================  ==========================================
+``model.diffusion_model.<p>``              ``diffusion_model.<p>``     (full checkpoint)
+``diffusion_model.<p>``                    ``diffusion_model.<p>``
+``<p>`` (diffusion-model-only file)        ``diffusion_model.<p>``
+``cond_stage_model.transformer.<p>``       ``text_encoders.clip_l.transformer.<p>`` (SD1.x CLIP-L)
+``cond_stage_model.model.<p>``             ``text_encoders.clip_h.<p>`` (SD2.x OpenCLIP-H)
+``conditioner.embedders.0.transformer.<p>``  ``text_encoders.clip_l.transformer.<p>`` (SDXL)
+``conditioner.embedders.1.model.<p>``      ``text_encoders.clip_g.<p>`` (SDXL OpenCLIP-G)
+``conditioner.embedders.<N>.<p>`` (other)  ``text_encoders.embedder_<N>.<p>``
+``text_encoders.<p>``                      ``text_encoders.<p>``
+anything else in a full checkpoint         kept as is (e.g. ``first_stage_model.*``, the VAE)
+=========================================  ==========================================
+
+``diffusion_model.*`` and ``text_encoders.clip_l.*`` match the names ComfyUI gives the same
+weights, so ComfyUI-native LoRA names resolve directly. OpenCLIP encoders keep their own names
+(``…resblocks.N.attn.in_proj_weight``), which HF-named text-encoder LoRA layers do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError
+from .formats.io import read_header
+
+__all__ = ["SafetensorsWeights", "file_fingerprint", "model_key_map", "open_model"]
+
+_TEXT_ENCODER_RENAMES: tuple[tuple[str, str], ...] = (
+    ("cond_stage_model.transformer.", "text_encoders.clip_l.transformer."),
+    ("cond_stage_model.model.", "text_encoders.clip_h."),
+    ("conditioner.embedders.0.transformer.", "text_encoders.clip_l.transformer."),
+    ("conditioner.embedders.1.model.", "text_encoders.clip_g."),
+)
+_FINGERPRINT_SAMPLES = 16
+_FINGERPRINT_SAMPLE_BYTES = 4096
+
+
+def model_key_map(file_keys: list[str]) -> dict[str, str]:
+    """``{model key: file key}`` for a model file's tensor names (see the module table).
+
+    A file is a *full checkpoint* when any key starts with ``model.diffusion_model.``; a file
+    whose keys already use ``diffusion_model.``/``text_encoders.`` is kept as is; otherwise every
+    key is a bare diffusion-model path and gets ``diffusion_model.`` in front.
+    """
+    if any(k.startswith("model.diffusion_model.") for k in file_keys):
+        return {_checkpoint_key(k): k for k in file_keys}
+    if any(k.startswith(("diffusion_model.", "text_encoders.")) for k in file_keys):
+        return {k: k for k in file_keys}
+    return {f"diffusion_model.{k}": k for k in file_keys}
+
+
+def _checkpoint_key(key: str) -> str:
+    if key.startswith("model.diffusion_model."):
+        return key[len("model.") :]
+    for old, new in _TEXT_ENCODER_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    if key.startswith("conditioner.embedders."):
+        index, _, rest = key[len("conditioner.embedders.") :].partition(".")
+        return f"text_encoders.embedder_{index}.{rest}"
+    return key
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A cheap, stable fingerprint: sha256 over the header and 16 evenly spaced 4 KiB samples.
+
+    Reads at most ~64 KiB of tensor data whatever the file size, so it is safe on multi-GB
+    checkpoints. Two files that differ only in unsampled bytes share a fingerprint; it is an
+    identity for caching and provenance, not an integrity check. Returns 16 hex digits.
+
+    Raises:
+        FormatError: as :func:`lorax_core.formats.io.read_header`.
+    """
+    p = Path(path)
+    read_header(p)
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    with p.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        h.update(fh.read(n))
+        data_start, data_len = 8 + n, size - 8 - n
+        h.update(str(data_len).encode())
+        if data_len > 0:
+            step = max(1, data_len // _FINGERPRINT_SAMPLES)
+            for offset in range(0, data_len, step)[:_FINGERPRINT_SAMPLES]:
+                fh.seek(data_start + offset)
+                h.update(fh.read(_FINGERPRINT_SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+class SafetensorsWeights:
+    """A lazy :class:`~lorax_core.types.WeightSource` over one ``.safetensors`` model file.
+
+    ``get`` returns the stored dtype on CPU (callers upcast to float32 themselves). The file
+    handle stays open (memory-mapped) until :meth:`close` or garbage collection.
+
+    Args:
+        path: the model file. Pickle files (``.ckpt``/``.pt``/``.bin``…) are refused.
+
+    Raises:
+        FormatError: missing, corrupt or truncated file; UnsafeFileError for pickles.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        header, self.metadata = read_header(self.path)
+        self._shapes = {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()}  # type: ignore[union-attr]
+        self._files = model_key_map(list(header))
+        self._fingerprint: str | None = None
+        self._handle: object | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = file_fingerprint(self.path)
+        return self._fingerprint
+
+    @property
+    def is_checkpoint(self) -> bool:
+        """Whether the file is a full checkpoint (``model.diffusion_model.*`` keys)."""
+        return any(k.startswith("model.diffusion_model.") for k in self._files.values())
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._files
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def file_key(self, key: str) -> str:
+        """The tensor's name inside the file."""
+        return self._files[self._check(key)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[self.file_key(key)]
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self.file_key(key)
+        try:
+            return self._open().get_tensor(name)  # type: ignore[attr-defined]
+        except FormatError:
+            raise
+        except Exception as exc:  # safetensors' own SafetensorError, OSError on a vanished file
+            raise FormatError(
+                f"{self.path}: could not read tensor {name!r} ({exc}); the file may be corrupt."
+            ) from None
+
+    def close(self) -> None:
+        """Release the memory map."""
+        self._handle = None
+
+    def _check(self, key: str) -> str:
+        if key not in self._files:
+            raise FormatError(f"{self.path}: no weight {key!r} in this model; check that it is the right base model.")
+        return key
+
+    def _open(self) -> object:
+        if self._handle is None:
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as exc:
+                raise FormatError(f"{self.path}: safetensors could not open the file ({exc}).") from None
+        return self._handle
+
+    def __repr__(self) -> str:
+        return f"SafetensorsWeights({str(self.path)!r}, {len(self._files)} tensors)"
+
+
+def open_model(path: str | os.PathLike[str]) -> SafetensorsWeights:
+    """Open a base model for lazy reading (see :class:`SafetensorsWeights`)."""
+    return SafetensorsWeights(path)
