@@ -12,6 +12,7 @@ __all__ = [
     "CacheError",
     "FormatError",
     "IncompatibleBaseError",
+    "LayerSkippedError",
     "LoraxError",
     "NothingTransferableError",
     "OptionError",
@@ -53,6 +54,10 @@ class IncompatibleBaseError(LoraxError):
 
 class NothingTransferableError(LoraxError):
     """Every layer of the LoRA was skipped, so the result would be an empty adapter."""
+
+
+class LayerSkippedError(LoraxError):
+    """``strict`` mode: a layer would have been skipped (the message names it and says why)."""
 
 
 class OutputExistsError(LoraxError):

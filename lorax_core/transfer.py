@@ -1,0 +1,557 @@
+"""Training-free transfer of LoRA and LoRA-X layers to a new base model.
+
+All maths is in factored form: a LoRA update ``ΔW = up @ down`` is moved by multiplying ``up``
+by an ``(m, m)`` operator and ``down`` by an ``(n, n)`` operator that are themselves applied
+through their top-R bases (``P(U, X) = U (Uᵀ X)``), so no ``(m, n)`` or ``(m, m)`` matrix is
+ever built. Notation (METHOD.md §10): ``P_s = U_s U_sᵀ`` and ``Q_s = I − P_s`` on the output
+side, ``P'_s = V_s V_sᵀ`` and ``Q'_s`` on the input side, likewise ``P_t``… for the target.
+
+Methods for a standard LoRA (``ΔW = scale · up @ down``; the scale is folded into ``up``):
+
+* ``copy``    – ``ΔW`` unchanged (what stock ComfyUI does with a LoRA on another base).
+* ``project`` – ``P_t ΔW P'_t`` (LoRA-X Eq. 3 applied to a LoRA; LoRA-X Table 2 baseline).
+* ``prolora`` – ``P_t(P_s ΔW P'_s)P'_t + Q_t(Q_s ΔW Q'_s)Q'_t`` (ProLoRA, arXiv 2506.04244):
+  subspace and complement parts, each mapped to the matching target space; rank ≤ 2r. It
+  drops the cross blocks ``P_s ΔW Q'_s`` and ``Q_s ΔW P'_s``, so it does not return ΔW even
+  when target = source.
+* ``exact``   – all four blocks, each mapped to the matching target spaces. The four terms
+  factor as ``M ΔW M'ᵀ`` with ``M = P_t P_s + Q_t Q_s`` (and ``M'`` alike), so the result has
+  rank ≤ r (not 4r) and equals ΔW exactly when target = source; it is continuous in the
+  target weight.
+
+A LoRA-X layer (``ΔW = U_s core V_sᵀ``) moves by Eq. 3 of LoRA-X (arXiv 2501.16559):
+``ΔW_t = U_t (U_tᵀ U_s core V_sᵀ V_t) V_tᵀ`` with truncated top-R target bases.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import (
+    LayerSkippedError,
+    NothingTransferableError,
+    OptionError,
+    RankError,
+    ShapeMismatchError,
+)
+from .linalg import Subspace, factored_norm, recompress
+from .matching import LayerMatch, match_layers
+from .similarity import (
+    LayerSimilarity,
+    SimilarityTable,
+    SubspaceProvider,
+    layer_similarity,
+    similarity_rank,
+    threshold_for,
+)
+from .types import (
+    METHODS,
+    AdapterLayer,
+    LayerReport,
+    LoraFactors,
+    LoraXFactors,
+    TransferOptions,
+    TransferReport,
+    TransferResult,
+    WeightSource,
+)
+
+if TYPE_CHECKING:
+    from .cache import SubspaceCache
+
+__all__ = [
+    "LORA_METHODS",
+    "choose_method",
+    "lorax_to_lora",
+    "transfer_adapter",
+    "transfer_lora_layer",
+    "transfer_lorax_layer",
+]
+
+#: Methods that apply to a standard LoRA layer.
+LORA_METHODS: tuple[str, ...] = ("prolora", "exact", "project", "copy")
+
+# Skip reasons are short, fixed phrases so that the report can count layers per reason; the
+# numbers behind each verdict are in the LayerReport's other fields.
+SKIP_NO_SOURCE = "the source model has no weight for this layer (is the LoRA for this base model?)"
+SKIP_SOURCE_SHAPE = "the LoRA factors do not fit the source weight (is the LoRA for this base model?)"
+SKIP_WIDTH = "width mismatch between source and target layer (cannot transfer across widths without data)"
+SKIP_LORAX_RANK = "the LoRA-X core rank exceeds the layer's smaller dimension (adapter made for another base?)"
+SKIP_ZERO = "zero update (the LoRA does nothing in this layer)"
+SKIP_PROJECTED_ZERO = "the transferred update is zero (the LoRA lies outside the target layer's subspaces)"
+SKIP_BELOW = "similarity below threshold (unrelated subspaces); set force to transfer anyway"
+
+
+def _P(U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``U Uᵀ X`` for ``U`` (m, R) and ``X`` (m, r), without the (m, m) projector."""
+    return U @ (U.T @ X)
+
+
+def _Pr(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``X V Vᵀ`` for ``X`` (r, n) and ``V`` (n, R)."""
+    return (X @ V) @ V.T
+
+
+def _check_pair(src: Subspace, tgt: Subspace, out_features: int, in_features: int, what: str) -> None:
+    if src.shape != (out_features, in_features) or tgt.shape != (out_features, in_features):
+        raise ShapeMismatchError(
+            f"{what} of shape {out_features}×{in_features} does not fit the subspaces "
+            f"(source {src.shape[0]}×{src.shape[1]}, target {tgt.shape[0]}×{tgt.shape[1]}); "
+            "compute both subspaces from the base weights this layer belongs to."
+        )
+
+
+def transfer_lora_layer(f: LoraFactors, src: Subspace, tgt: Subspace, method: str) -> LoraFactors:
+    """Move one standard LoRA layer from the source base weight to the target one.
+
+    Args:
+        f: the layer, ``ΔW = f.scale · up @ down`` (linear or conv shapes, any dtype/device).
+        src, tgt: top-R subspaces of the source and target base weights (same flattened shape);
+            all their R columns are used (truncate them first for a smaller R).
+        method: ``prolora``, ``exact``, ``project`` or ``copy`` (see the module docstring).
+
+    Returns:
+        2-D float32 factors on ``src``'s device with ``alpha=None`` (scale folded into ``up``):
+        rank r for ``copy``/``project``/``exact``, 2r for ``prolora`` (not yet re-compressed).
+
+    Raises:
+        OptionError: ``method`` is not a standard-LoRA method.
+        ShapeMismatchError: the factors do not fit the subspaces.
+    """
+    if method not in LORA_METHODS:
+        raise OptionError(
+            f"method {method!r} cannot transfer a standard LoRA layer; use one of {', '.join(LORA_METHODS)} "
+            "('lorax' is for LoRA-X adapters)."
+        )
+    _check_pair(src, tgt, f.out_features, f.in_features, "LoRA layer")
+    device = src.U.device
+    up = f.up2d().to(device=device, dtype=torch.float32) * f.scale
+    down = f.down2d().to(device=device, dtype=torch.float32)
+    if method == "copy":
+        return LoraFactors(up=up.clone(), down=down.clone())
+    if method == "project":
+        return LoraFactors(up=_P(tgt.U, up), down=_Pr(down, tgt.V))
+    # Split ΔW's factors into the source subspace and its complement (METHOD.md §11c).
+    up_par = _P(src.U, up)
+    up_perp = up - up_par
+    down_par = _Pr(down, src.V)
+    down_perp = down - down_par
+    # Map each part into the matching target space: P_t(·) for the subspace part, Q_t(·) = (·) − P_t(·)
+    # for the complement part.
+    up_par_t = _P(tgt.U, up_par)
+    up_perp_t = up_perp - _P(tgt.U, up_perp)
+    down_par_t = _Pr(down_par, tgt.V)
+    down_perp_t = down_perp - _Pr(down_perp, tgt.V)
+    if method == "prolora":
+        return LoraFactors(up=torch.cat([up_par_t, up_perp_t], dim=1), down=torch.cat([down_par_t, down_perp_t], dim=0))
+    # exact: the four block terms (par,par) + (perp,perp) + (par,perp) + (perp,par) sum to one
+    # product (up_par_t + up_perp_t)(down_par_t + down_perp_t) of the original rank.
+    return LoraFactors(up=up_par_t + up_perp_t, down=down_par_t + down_perp_t)
+
+
+def _core_matrix(f: LoraXFactors, device: torch.device) -> torch.Tensor:
+    core = f.core.to(device=device, dtype=torch.float32)
+    return torch.diag(core) if core.ndim == 1 else core
+
+
+def lorax_to_lora(f: LoraXFactors, src: Subspace) -> LoraFactors:
+    """A LoRA-X layer as ordinary factors on its own base: ``up = U_R·core``, ``down = V_Rᵀ``.
+
+    Args:
+        f: the LoRA-X layer (core ``(R,)`` or ``(R, R)``).
+        src: the source weight's subspace with at least R directions.
+
+    Returns:
+        2-D float32 factors of rank R on ``src``'s device, ``alpha=None``.
+
+    Raises:
+        RankError: ``src`` holds fewer than R directions.
+    """
+    R = f.rank
+    if src.rank < R:
+        raise RankError(
+            f"LoRA-X core has rank {R} but the source subspace holds only {src.rank} directions; "
+            f"compute the subspace with rank >= {R} (a layer of shape {src.shape} allows at most {min(src.shape)})."
+        )
+    s = src.truncate(R)
+    return LoraFactors(up=s.U @ _core_matrix(f, s.U.device), down=s.V.T.contiguous())
+
+
+def transfer_lorax_layer(f: LoraXFactors, src: Subspace, tgt: Subspace) -> LoraFactors:
+    """Move one LoRA-X layer with LoRA-X Eq. 3: ``up = U_t (U_tᵀ U_s core V_sᵀ V_t)``, ``down = V_tᵀ``.
+
+    Both bases are truncated to the core's rank R. When R covers a whole side (R ≥ out or
+    R ≥ in) that side's projection is the identity; with R ≥ both it is a copy of ΔW (METHOD.md §3).
+
+    Args:
+        f: the LoRA-X layer; src, tgt: subspaces with at least R directions, same shape.
+
+    Returns:
+        2-D float32 factors of rank R on ``src``'s device, ``alpha=None``: ``up`` (m, R), ``down`` (R, n).
+
+    Raises:
+        RankError: a subspace holds fewer than R directions.
+        ShapeMismatchError: source and target shapes differ.
+    """
+    R = f.rank
+    if tgt.rank < R:
+        raise RankError(
+            f"LoRA-X core has rank {R} but the target subspace holds only {tgt.rank} directions; "
+            f"compute it with rank >= {R}."
+        )
+    if src.shape != tgt.shape:
+        raise ShapeMismatchError(
+            f"LoRA-X transfer needs equal shapes; source {src.shape} vs target {tgt.shape}. "
+            "Cross-width transfer degenerates to copying ΔΣ (METHOD.md §5) and is not offered."
+        )
+    source = lorax_to_lora(f, src)
+    t = tgt.truncate(R).to(source.up.device)
+    # U_tᵀ (U_s core) (V_sᵀ V_t): an R×R core in the target basis; never an m×n product.
+    core_t = (t.U.T @ source.up) @ (source.down @ t.V)
+    return LoraFactors(up=t.U @ core_t, down=t.V.T.contiguous())
+
+
+def choose_method(layer: AdapterLayer, requested: str) -> str:
+    """The method actually used for a layer.
+
+    ``auto`` rule: ``lorax`` (Eq. 3) for LoRA-X layers, ``exact`` for standard LoRA layers.
+    ``exact`` is chosen over ``prolora`` until the quality benchmark says otherwise because it is
+    the one projection method that returns ΔW unchanged when target = source and tends to it
+    as the target approaches the source; ProLoRA's two-term split drops the cross blocks
+    (50–90 % relative error on random LoRAs on a near-identical target, METHOD.md §9.1).
+    A standard method requested for a LoRA-X layer applies to its factors on the source base
+    (``lorax_to_lora``).
+
+    Raises:
+        OptionError: unknown method, or ``lorax`` for a standard LoRA layer.
+    """
+    if requested not in METHODS:
+        raise OptionError(f"method {requested!r} is not one of {', '.join(METHODS)}; use 'auto'.")
+    if isinstance(layer, LoraXFactors):
+        return "lorax" if requested in ("auto", "lorax") else requested
+    if requested == "lorax":
+        raise OptionError(
+            "method 'lorax' needs a LoRA-X adapter (ΔΣ cores), but this is a standard LoRA (up/down); "
+            "use 'auto', 'exact', 'prolora', 'project' or 'copy'."
+        )
+    return "exact" if requested == "auto" else requested
+
+
+# ----------------------------------------------------------------------------------------------
+# transfer_adapter
+
+
+def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
+    rest = 1
+    for d in shape[1:]:
+        rest *= int(d)
+    return int(shape[0]), rest
+
+
+def _fits(layer: AdapterLayer, shape: tuple[int, ...]) -> bool:
+    """Whether the layer's factors fit a base weight of this shape (flattened conv widths)."""
+    if isinstance(layer, LoraXFactors):
+        return _flat(tuple(layer.shape)) == _flat(shape)
+    return (layer.out_features, layer.in_features) == _flat(shape)
+
+
+def _source_norm(layer: AdapterLayer) -> float:
+    if isinstance(layer, LoraXFactors):
+        # ‖U core Vᵀ‖_F = ‖core‖_F because U and V have orthonormal columns.
+        return float(layer.core.detach().to(torch.float64).norm())
+    return factored_norm(layer.up2d(), layer.down2d(), layer.scale)
+
+
+def _layer_dtype(layer: AdapterLayer) -> torch.dtype:
+    return layer.core.dtype if isinstance(layer, LoraXFactors) else layer.up.dtype
+
+
+def _restore_layout(
+    up2d: torch.Tensor, down2d: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> LoraFactors:
+    """CPU factors in the LoRA's dtype; conv layers as ``up (out, k, 1, 1)``, ``down (k, in, kh, kw)``."""
+    up = up2d.to(device="cpu", dtype=dtype)
+    down = down2d.to(device="cpu", dtype=dtype)
+    if len(shape) == 4:
+        up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+        down = down.reshape(down.shape[0], *shape[1:])
+    return LoraFactors(up=up.contiguous(), down=down.contiguous(), alpha=None)
+
+
+class _Skip(Exception):  # noqa: N818 - internal control flow, never escapes this module
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _completeness_note(R: int, m: int, n: int, method: str) -> str:
+    if method == "copy":
+        return ""
+    if R >= m and R >= n:
+        return f"rank R={R} covers the whole {m}×{n} layer: the projection is the identity (a copy)"
+    if R >= m:
+        return f"rank R={R} covers the output side ({m}): only the input side is projected"
+    if R >= n:
+        return f"rank R={R} covers the input side ({n}): only the output side is projected"
+    return ""
+
+
+def transfer_adapter(
+    layers: Mapping[str, AdapterLayer],
+    source: WeightSource,
+    target: WeightSource,
+    options: TransferOptions,
+    *,
+    names: Mapping[str, str] | None = None,
+    skipped: Mapping[str, str] | None = None,
+    similarity: SimilarityTable | None = None,
+    cache: SubspaceCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TransferResult:
+    """Transfer a whole adapter from the source base model to the target base model.
+
+    For every layer: find the target layer (``options.match``), check that the factors fit the
+    source weight and that the target has the same width (never padded), compute Φ at the
+    decision rank, skip layers below ``threshold_for(chance, options.threshold)`` unless
+    ``options.force``, transfer with ``choose_method(layer, options.method)``, optionally
+    re-compress to ``options.output_rank``, and record a :class:`LayerReport`.
+
+    Args:
+        layers: ``{source model key: LoraFactors | LoraXFactors}``. Never modified.
+        source, target: the two base models (read one weight at a time).
+        options: see :class:`TransferOptions`.
+        names: model key → display name for the report (default: the model key).
+        skipped: display name → reason for layers the caller could not read or resolve; they
+            are reported as skipped (and count as skips in strict mode).
+        similarity: a table from :func:`compute_similarity`; an entry with the same source and
+            target key is reused (its Φ and chance; the threshold comes from ``options``).
+        cache: a subspace cache (``get_or_compute``); without one each base weight is
+            decomposed once per call.
+        progress: ``progress(done, total)``, called once per layer (skipped ones included).
+
+    ``options.rank`` is the subspace rank for standard LoRA layers; a LoRA-X layer always uses
+    its own core rank R (its ΔΣ lives in the source's top-R basis).
+
+    Returns:
+        :class:`TransferResult`: ``layers`` keyed by *target* model key (``LoraFactors`` in the
+        LoRA's dtype, on CPU, ``alpha=None`` with the scale folded into ``up``, conv layers in the
+        target weight's conv layout) and the report (every input layer has exactly one record).
+
+    Raises:
+        OptionError: an option does not apply (``method='lorax'`` on a standard LoRA layer).
+        LayerSkippedError: ``options.strict`` and some layer would be skipped.
+        NothingTransferableError: no layer was transferred.
+    """
+    names = dict(names or {})
+    skipped = dict(skipped or {})
+    for key, layer in layers.items():
+        try:
+            choose_method(layer, options.method)
+        except OptionError as error:
+            raise OptionError(f"layer {names.get(key, key)}: {error}") from None
+    provider = SubspaceProvider(cache, options.device)
+    report = TransferReport(options=asdict(options))
+    out: dict[str, LoraFactors] = {}
+    total = len(layers) + len(skipped)
+    done = 0
+
+    def record(entry: LayerReport, detail: str = "") -> None:
+        nonlocal done
+        if entry.status == "skipped" and options.strict:
+            raise LayerSkippedError(
+                f"layer {entry.key}: skipped because {entry.reason}{f' ({detail})' if detail else ''}. "
+                "strict mode stops at the first skipped layer; fix the cause, or turn strict off to get a "
+                "report of all skipped layers."
+            )
+        report.layers.append(entry)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    for display, reason in skipped.items():
+        record(LayerReport(key=display, status="skipped", reason=reason, method=options.method), reason)
+
+    matches = _resolve_targets(layers, source, target, options, provider)
+    for key, layer in layers.items():
+        display = names.get(key, key)
+        method = choose_method(layer, options.method)
+        entry = LayerReport(key=display, status="skipped", reason="", method=method, source_key=key)
+        try:
+            factors = _transfer_one(
+                key, layer, method, matches[key], source, target, options, provider, similarity, entry
+            )
+        except _Skip as skip:
+            entry.reason = skip.reason
+            record(entry, skip.detail)
+            continue
+        out[entry.target_key or key] = factors
+        record(entry)
+
+    if not report.transferred:
+        _raise_nothing(report, options)
+    return TransferResult(layers=out, report=report)
+
+
+def _resolve_targets(
+    layers: Mapping[str, AdapterLayer],
+    source: WeightSource,
+    target: WeightSource,
+    options: TransferOptions,
+    provider: SubspaceProvider,
+) -> dict[str, LayerMatch]:
+    source_keys = set(source.keys())
+    present = [k for k in layers if k in source_keys]
+    matches = match_layers(
+        present,
+        source,
+        target,
+        mode=options.match,
+        rank=options.rank,
+        threshold=options.threshold,
+        provider=provider,
+    )
+    for key in layers:
+        if key not in source_keys:
+            matches[key] = LayerMatch(key, None, "none", SKIP_NO_SOURCE)
+    return matches
+
+
+def _transfer_one(
+    key: str,
+    layer: AdapterLayer,
+    method: str,
+    match: LayerMatch,
+    source: WeightSource,
+    target: WeightSource,
+    options: TransferOptions,
+    provider: SubspaceProvider,
+    similarity: SimilarityTable | None,
+    entry: LayerReport,
+) -> LoraFactors:
+    """One layer; fills ``entry`` and returns the output factors, or raises :class:`_Skip`."""
+    if match.reason == SKIP_NO_SOURCE:
+        raise _Skip(SKIP_NO_SOURCE, f"source model key {key!r}")
+    sshape = tuple(int(d) for d in source.shape(key))
+    entry.source_shape = sshape
+    entry.norm_source = _source_norm(layer)
+    if not _fits(layer, sshape):
+        got = tuple(layer.shape) if isinstance(layer, LoraXFactors) else (layer.out_features, layer.in_features)
+        raise _Skip(SKIP_SOURCE_SHAPE, f"factors {got} vs source weight {sshape}")
+    if match.target_key is None:
+        raise _Skip(match.reason, f"source shape {sshape}")
+    tkey = match.target_key
+    entry.target_key = tkey
+    tshape = tuple(int(d) for d in target.shape(tkey))
+    entry.target_shape = tshape
+    m, n = _flat(sshape)
+    if _flat(tshape) != (m, n):
+        raise _Skip(SKIP_WIDTH, f"source {sshape} vs target {tshape}")
+    if entry.norm_source == 0.0:
+        raise _Skip(SKIP_ZERO, "‖ΔW‖ = 0")
+
+    if isinstance(layer, LoraXFactors) and layer.rank > min(m, n):
+        raise _Skip(SKIP_LORAX_RANK, f"core rank {layer.rank} > min({m}, {n})")
+    R = layer.rank if isinstance(layer, LoraXFactors) else min(options.rank, m, n)
+    notes: list[str] = []
+    if match.by == "similarity":
+        notes.append(f"paired by similarity with {tkey}")
+
+    if method != "copy" or isinstance(layer, LoraXFactors):
+        src = provider.get(source, key, R)
+        tgt = provider.get(target, tkey, R)
+        sim = _similarity_for(key, tkey, src, tgt, R, m, n, options, similarity)
+        entry.phi_left, entry.phi_right = sim.phi_left, sim.phi_right
+        entry.chance, entry.similarity_rank, entry.threshold = sim.chance, sim.rank, sim.threshold
+        if not sim.passed:
+            if not options.force:
+                raise _Skip(
+                    SKIP_BELOW,
+                    f"Φ={sim.phi:.3f} < threshold {sim.threshold:.3f} (chance {sim.chance:.3f}, rank {sim.rank})",
+                )
+            notes.append(f"forced: Φ={sim.phi:.3f} below threshold {sim.threshold:.3f}")
+        if sim.rank is not None and sim.rank < R:
+            notes.append(f"similarity decided at rank {sim.rank} (R={R} is not well below {min(m, n)})")
+        if isinstance(layer, LoraXFactors):
+            flat = (
+                transfer_lorax_layer(layer, src, tgt)
+                if method == "lorax"
+                else transfer_lora_layer(lorax_to_lora(layer, src), src, tgt, method)
+            )
+        else:
+            flat = transfer_lora_layer(layer, src, tgt, method)
+        note = _completeness_note(R, m, n, method)
+        if note:
+            notes.append(note)
+    else:
+        device = torch.device(options.device)
+        flat = LoraFactors(
+            up=layer.up2d().to(device=device, dtype=torch.float32) * layer.scale,
+            down=layer.down2d().to(device=device, dtype=torch.float32),
+        )
+
+    up, down = flat.up, flat.down
+    energy = 1.0
+    # copy keeps the caller's factors as they are unless a smaller rank is asked for; every other
+    # method is re-factored at its true rank (prolora's 2r columns are often dependent).
+    if method != "copy" or (options.output_rank is not None and options.output_rank < up.shape[1]):
+        # "Numerically zero" relative to the source update: fp32 rounding of the projections.
+        atol = entry.norm_source * max(m, n) * torch.finfo(torch.float32).eps
+        up, down, energy = recompress(up, down, options.output_rank, atol=atol)
+    if up.shape[1] == 0:
+        entry.norm_target = 0.0
+        raise _Skip(SKIP_PROJECTED_ZERO, f"method {method}")
+    entry.status = "transferred"
+    entry.energy_kept = energy
+    entry.output_rank = int(up.shape[1])
+    entry.norm_target = factored_norm(up, down)
+    entry.reason = "; ".join(notes)
+    return _restore_layout(up, down, tshape, _layer_dtype(layer))
+
+
+def _similarity_for(
+    key: str,
+    tkey: str,
+    src: Subspace,
+    tgt: Subspace,
+    R: int,
+    m: int,
+    n: int,
+    options: TransferOptions,
+    table: SimilarityTable | None,
+) -> LayerSimilarity:
+    if table is not None:
+        entry = table.get(key)
+        if entry is not None and entry.target_key == tkey and entry.phi is not None and entry.chance is not None:
+            tau = threshold_for(entry.chance, options.threshold)
+            return LayerSimilarity(
+                key, tkey, entry.phi_left, entry.phi_right, entry.chance, entry.rank, tau, entry.phi >= tau
+            )
+    return layer_similarity(src, tgt, similarity_rank(R, m, n), options.threshold, source_key=key, target_key=tkey)
+
+
+def _raise_nothing(report: TransferReport, options: TransferOptions) -> None:
+    reasons = Counter(r.reason for r in report.skipped)
+    if not reasons:
+        raise NothingTransferableError(
+            "the adapter has no layers to transfer; check that the LoRA file was read correctly."
+        )
+    reason, count = reasons.most_common(1)[0]
+    fixes = {
+        SKIP_BELOW: f"lower the threshold (now {options.threshold}), set force, or check the source/target "
+        "base models are related",
+        SKIP_WIDTH: "use a target model of the same family and width as the source",
+        SKIP_SOURCE_SHAPE: "choose the base model the LoRA was trained on as the source",
+        SKIP_NO_SOURCE: "choose the base model the LoRA was trained on as the source",
+        SKIP_ZERO: "the LoRA is empty (all-zero); check the file",
+    }
+    fix = fixes.get(reason, f"check the source and target base models and the match option (now {options.match!r})")
+    raise NothingTransferableError(
+        f"none of the {len(report.layers)} layers was transferred; most common reason ({count} layers): "
+        f"{reason}. Fix: {fix}."
+    )
