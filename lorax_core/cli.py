@@ -18,7 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     FormatError,
@@ -127,7 +128,7 @@ def _common(p: argparse.ArgumentParser, *, comfyui: bool, cache: bool) -> None:
             type=Path,
             default=None,
             metavar="PATH",
-            help="a ComfyUI install whose key maps resolve diffusers-style layer names (loads the source model there)",
+            help="a ComfyUI install whose key maps resolve diffusers-style layer names (reads only the model header)",
         )
     if cache:
         p.add_argument("--cache-dir", type=Path, default=None, help="subspace cache folder (default: ~/.cache/lorax)")
@@ -484,6 +485,56 @@ def _write_text(path: Path, text: str, overwrite: bool) -> None:
     Path(fh.name).replace(path)
 
 
+# safetensors dtype names → torch dtype attribute names, for the meta tensors of a model's header.
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+}  # fmt: skip
+# Tensors up to this many elements are read for real when ComfyUI detects a model: a few model
+# configs look at values, not shapes (SD2's v-prediction test takes the std of a 320-wide norm
+# bias; SDXL variants read scalar ``edm_vpred.sigma_*`` / ``v_pred`` markers). All such tensors
+# are norms, biases and scalars — a few MB even for SDXL or Flux.
+_DETECTION_VALUE_LIMIT = 4096
+
+
+def _header_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A model file's tensors as ComfyUI's model detection sees them, read from the header only.
+
+    Every tensor is a ``meta`` tensor of the stored shape and dtype (no storage), except tensors
+    of at most ``_DETECTION_VALUE_LIMIT`` elements, which are read (on CPU) because some model
+    configs test their values.
+
+    Returns:
+        ``(state dict, string metadata)`` with the file's own key names.
+
+    Raises:
+        FormatError: missing, corrupt or truncated file (:func:`~lorax_core.formats.io.read_header`).
+    """
+    import torch
+    from safetensors import safe_open
+
+    from .formats.io import read_header
+
+    header, metadata = read_header(path)
+    state: dict[str, torch.Tensor] = {}
+    small: list[str] = []
+    for name, entry in header.items():
+        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[union-attr]
+        dtype = getattr(torch, _TORCH_DTYPES[str(entry["dtype"])])  # read_header checked the name
+        state[name] = torch.empty(shape, dtype=dtype, device="meta")
+        if math.prod(shape) <= _DETECTION_VALUE_LIMIT:
+            small.append(name)
+    if small:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for name in small:
+                    state[name] = fh.get_tensor(name)
+        except Exception as exc:  # safetensors' own SafetensorError
+            raise FormatError(f"{path}: safetensors could not read the file ({exc}); it may be corrupt.") from None
+    return state, metadata
+
+
 def _comfyui_key_map(
     root: Path, model_path: Path
 ) -> tuple[dict[str, str | tuple[str, object]], Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]:
@@ -491,46 +542,114 @@ def _comfyui_key_map(
 
     This is the one place ``lorax_core`` touches ComfyUI, and only behind ``--comfyui``: the
     per-family tables that map diffusers block names onto the original UNet layout are
-    ComfyUI's (GPL), so we call them instead of copying them. The source model is loaded by
-    ComfyUI on the CPU (its weights are needed to detect the family). Text-encoder targets are
-    moved into the ``text_encoders.`` namespace of :mod:`lorax_core.modelio`.
+    ComfyUI's (GPL), so we call them instead of copying them.
+
+    No weight is loaded: ComfyUI detects the model family from the file's header (names,
+    shapes and dtypes, plus the few small tensors whose values some families test; see
+    :func:`_header_state_dict`), builds the model and, for a full checkpoint, its text
+    encoder on the ``meta`` device, and derives the key map from their parameter names —
+    the same calls ComfyUI's own loaders make, minus the weight loading. Text-encoder targets
+    are moved into the ``text_encoders.`` namespace of :mod:`lorax_core.modelio`.
 
     Raises:
         OptionError: PATH is not a ComfyUI install.
-        FormatError: ComfyUI could not load the model.
+        FormatError: the file is unreadable, or ComfyUI does not recognise the model.
     """
     root = root.expanduser().resolve()
     if not (root / "comfy" / "lora.py").is_file():
         raise OptionError(
             f"--comfyui {root}: not a ComfyUI install (no comfy/lora.py there); pass ComfyUI's root folder."
         )
+    state, metadata = _header_state_dict(model_path)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    # ComfyUI must be told to stay on the CPU before comfy.model_management is first imported.
+    import logging
+
+    import torch
+
+    # ComfyUI must be told to stay on the CPU before comfy.model_management is first imported
+    # (a CUDA build of torch on a machine without a GPU fails there otherwise).
     from comfy.cli_args import args as comfy_args  # noqa: TID251 -- explicit --comfyui flag: reuse ComfyUI's key tables
 
     comfy_args.cpu = True
     import comfy.lora  # noqa: TID251 -- explicit --comfyui flag: model_lora_keys_unet/_clip
     import comfy.lora_convert  # noqa: TID251 -- explicit --comfyui flag: convert_lora
-    import comfy.sd  # noqa: TID251 -- explicit --comfyui flag: load the source model to detect its family
+    import comfy.model_detection  # noqa: TID251 -- explicit --comfyui flag: detect the family from the header
 
+    # ComfyUI logs its detection steps (an unknown model is an ERROR record with the whole
+    # derived config); our contract is one stderr line per failure, so they are muted here.
+    previous_disable = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
     try:
-        loaded = comfy.sd.load_checkpoint_guess_config(
-            str(model_path), output_vae=False, output_clip=True, output_clipvision=False
-        )
-        model, clip = loaded[0], loaded[1]
-    except Exception:  # not a full checkpoint: try a diffusion-model-only file
-        model, clip = None, None
-    try:
-        if model is None:
-            model = comfy.sd.load_diffusion_model(str(model_path))
-    except Exception as exc:  # ComfyUI raises plain RuntimeError/ValueError for unknown models
-        raise FormatError(f"--comfyui: ComfyUI could not load {model_path} ({exc}).") from None
-    key_map: dict[str, str | tuple[str, object]] = dict(comfy.lora.model_lora_keys_unet(model.model, {}))
-    if clip is not None:
-        for name, target in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items():
-            if isinstance(target, tuple):
-                key_map[name] = (f"text_encoders.{target[0]}", target[1])
-            else:
-                key_map[name] = f"text_encoders.{target}"
+        config, unet_state, prefix = _detect(comfy.model_detection, state, metadata)
+        if config is None:
+            raise FormatError(
+                f"--comfyui: ComfyUI does not recognise {model_path} as a model it can load (no model family "
+                "matches its weight names and shapes); pass the base model file the LoRA was trained on, as a "
+                "checkpoint or diffusion-model .safetensors in ComfyUI's layout."
+            )
+        # Nothing is computed or loaded, so the dtype only has to be one every family accepts.
+        config.set_inference_dtype(torch.float32, None)
+        with torch.device("meta"):  # every tensor a constructor makes without naming a device
+            model = config.get_model(unet_state, prefix, device="meta")
+        key_map: dict[str, str | tuple[str, object]] = dict(comfy.lora.model_lora_keys_unet(model, {}))
+        key_map.update(_text_encoder_key_map(comfy.lora, config, state))
+    except LoraxError:
+        raise
+    except Exception as exc:  # ComfyUI raises plain KeyError/RuntimeError on layouts it half-recognises
+        raise FormatError(
+            f"--comfyui: ComfyUI could not build a key map for {model_path} ({type(exc).__name__}: {exc}); "
+            "pass the base model file the LoRA was trained on."
+        ) from None
+    finally:
+        logging.disable(previous_disable)
     return key_map, comfy.lora_convert.convert_lora
+
+
+def _detect(
+    model_detection: ModuleType, state: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[Any, dict[str, torch.Tensor], str]:
+    """ComfyUI's model config for ``state``: as its checkpoint loader finds it, else as its diffusion-model loader does.
+
+    Args:
+        model_detection: ComfyUI's ``comfy.model_detection`` module (imported by the caller).
+
+    Returns:
+        ``(config or None, the state dict it was detected on, the UNet key prefix in it)``.
+    """
+    # Copies: detection pops marker keys (``scaled_fp8``) from the dict it is given.
+    prefix = model_detection.unet_prefix_from_state_dict(state)
+    config = model_detection.model_config_from_unet(dict(state), prefix, metadata=metadata)
+    if config is not None:
+        return config, state, prefix
+    # A diffusion-model-only file: the weights carry no prefix (or an unusual one, stripped).
+    stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)} or state
+    return model_detection.model_config_from_unet(dict(stripped), "", metadata=metadata), stripped, ""
+
+
+def _text_encoder_key_map(
+    lora_module: ModuleType, config: Any, state: dict[str, torch.Tensor]
+) -> dict[str, str | tuple[str, object]]:
+    """ComfyUI's text-encoder LoRA keys for a full checkpoint, in the ``text_encoders.`` namespace.
+
+    As ComfyUI's checkpoint loader does, the family's text encoder is built only when the file
+    holds text-encoder weights; here on the ``meta`` device (its parameter names are all the key
+    map needs). An empty map for diffusion-model-only files.
+
+    Args:
+        lora_module: ComfyUI's ``comfy.lora`` module (imported by the caller).
+        config: the detected ComfyUI model config.
+    """
+    import torch
+
+    clip_state = config.process_clip_state_dict(dict(state))  # a copy: it renames keys in place
+    target = config.clip_target(state_dict=state) if clip_state else None
+    if target is None:
+        return {}
+    params = dict(target.params, dtype=torch.float32, device="meta", model_options={})
+    with torch.device("meta"):
+        encoder = target.clip(**params)
+    out: dict[str, str | tuple[str, object]] = {}
+    for name, key in lora_module.model_lora_keys_clip(encoder, {}).items():
+        out[name] = (f"text_encoders.{key[0]}", key[1]) if isinstance(key, tuple) else f"text_encoders.{key}"
+    return out
