@@ -1,0 +1,488 @@
+"""All ComfyUI glue of the pack: the only module that imports ``comfy``, ``folder_paths``.
+
+What lives here (COMFYUI.md §2, §7 "reuse; do not rewrite"):
+
+* model weights out of a ``ModelPatcher`` as a lazy :class:`~lorax_core.types.WeightSource`
+  (:class:`PatcherWeights`: ``get_key_patches`` + ``convert_fn``, float32, one tensor at a time);
+* the source model file as a lazy handle (:class:`SourceModel`, over ``lorax_core.modelio``);
+* ComfyUI's LoRA key maps (``comfy.lora.model_lora_keys_unet``/``model_lora_keys_clip``, always
+  with a fresh dict) and ``comfy.lora_convert.convert_lora``, feeding ``lorax_core.formats``;
+* applying a LoRA state dict: ``comfy.lora.load_lora`` → ``clone()`` + ``add_patches``;
+* ``folder_paths`` lookups, the output folder of the save node;
+* the progress callback (``comfy.utils.ProgressBar`` + ``throw_exception_if_processing_interrupted``),
+  the compute device (``comfy.model_management``) and a process-wide subspace cache.
+
+Model-key namespace: ``diffusion_model.<path>.weight`` for the diffusion model (ComfyUI's own
+names) and ``text_encoders.<ComfyUI CLIP key>`` for text encoders, the namespace of
+``lorax_core.modelio`` and of ComfyUI-native LoRA files (``text_encoders.clip_l.…``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_detection
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy.weight_adapter import LoRAAdapter
+
+from ..lorax_core.cache import MemoryCache
+from ..lorax_core.errors import FormatError, IncompatibleBaseError, OutputExistsError
+from ..lorax_core.formats import LoraFile, parse_lora, read_lora, write_lora
+from ..lorax_core.formats.base import pair_tensors
+from ..lorax_core.formats.keys import COMFY_STYLE, KOHYA_TEXT_ENCODERS, split_key
+from ..lorax_core.formats.resolve import layer_name_for, resolve_layers
+from ..lorax_core.modelio import SafetensorsWeights, open_model
+from ..lorax_core.types import AdapterLayer, LoraFactors, TransferResult
+
+UNET_PREFIX = "diffusion_model."
+TE_PREFIX = "text_encoders."
+SOURCE_FOLDERS = ("checkpoints", "diffusion_models")
+SAVE_SUBFOLDER = "lorax"
+# Subspaces of base weights are reused across runs in one ComfyUI process (the second transfer
+# onto the same target costs no SVD). 1 GiB holds every R=320 basis of an SD1.5 UNet twice over.
+CACHE_BYTES = 1 << 30
+# LoRA layer names that address a text encoder (kohya, ComfyUI-native, PEFT/diffusers).
+TE_LAYER_PREFIXES = (*KOHYA_TEXT_ENCODERS, TE_PREFIX, "text_encoder.", "text_encoder_2.")
+TE_NEEDS_CLIP = "text-encoder layer: connect the target model's CLIP to the node to transfer it"
+
+_cache: MemoryCache | None = None
+
+
+def subspace_cache() -> MemoryCache:
+    """The process-wide subspace cache (created on first use, never at import time)."""
+    global _cache
+    if _cache is None:
+        _cache = MemoryCache(CACHE_BYTES)
+    return _cache
+
+
+def compute_device() -> str:
+    """Where the linear algebra runs: ComfyUI's torch device (``cpu`` under ``--cpu``)."""
+    return str(comfy.model_management.get_torch_device())
+
+
+def progress_callback() -> Callable[[int, int], None]:
+    """A core ``progress(done, total)`` callback driving a ComfyUI progress bar.
+
+    Every call is also a cancel point: ``throw_exception_if_processing_interrupted`` raises
+    ComfyUI's ``InterruptProcessingException`` after the user pressed Cancel.
+    """
+    bar: list[comfy.utils.ProgressBar] = []
+
+    def progress(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(done, total)
+
+    return progress
+
+
+# --------------------------------------------------------------------------- folders and files
+
+
+def source_model_names() -> list[str]:
+    """Files the source-model combo offers: ``checkpoints`` then ``diffusion_models`` entries."""
+    names: list[str] = []
+    for folder in SOURCE_FOLDERS:
+        names.extend(n for n in folder_paths.get_filename_list(folder) if n not in names)
+    return names
+
+
+def lora_names() -> list[str]:
+    """Files in ComfyUI's ``loras`` folders."""
+    return list(folder_paths.get_filename_list("loras"))
+
+
+def _find(folders: tuple[str, ...], name: str, what: str) -> Path:
+    for folder in folders:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return Path(path)
+    raise FormatError(
+        f"{what} {name!r} is not in ComfyUI's {' or '.join(folders)} folders; refresh the page (R) and pick it again."
+    )
+
+
+@dataclass
+class SourceModel:
+    """The ``LORAX_SOURCE`` value: a lazy handle on the model file a LoRA was trained on.
+
+    Reads only the header when created; :attr:`weights` reads one tensor per request
+    (memory-mapped). No diffusion model, text encoder or VAE is built.
+
+    Attributes:
+        name: the file name as listed in ComfyUI.
+        weights: lazy weights in the model-key namespace (``diffusion_model.…``, ``text_encoders.…``).
+        family: ComfyUI's name for the detected model family (``SD15``, ``SDXL``…), or ``None``.
+    """
+
+    name: str
+    weights: SafetensorsWeights
+    family: str | None
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return any(k.startswith(TE_PREFIX) for k in self.weights.keys())
+
+    def describe(self) -> str:
+        te = "with text encoder" if self.has_text_encoder else "diffusion model only"
+        return f"{self.name} ({self.family or 'unknown family'}, {te}, fingerprint {self.weights.fingerprint})"
+
+
+def open_source(name: str) -> SourceModel:
+    """Open a source model by its combo name (``.safetensors`` only; pickles are refused by the core)."""
+    weights = open_model(_find(SOURCE_FOLDERS, name, "source model"))
+    return SourceModel(name=name, weights=weights, family=_detect_family(weights))
+
+
+def source_fingerprint(name: str) -> str:
+    """``fingerprint_inputs`` value of the load node: the file's path, size and modification time."""
+    for folder in SOURCE_FOLDERS:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            stat = Path(path).stat()
+            return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"missing:{name}"
+
+
+def _detect_family(weights: SafetensorsWeights) -> str | None:
+    """ComfyUI's own family detection, on shapes only (meta tensors: nothing is read)."""
+    meta = {
+        k[len(UNET_PREFIX) :]: torch.empty(weights.shape(k), device="meta")
+        for k in weights.keys()
+        if k.startswith(UNET_PREFIX)
+    }
+    config = comfy.model_detection.model_config_from_unet(meta, "") if meta else None
+    return None if config is None else type(config).__name__
+
+
+def model_family(model: Any) -> str:
+    """The family ComfyUI detected for a ``MODEL`` (``SD15``, ``SDXL``, ``Flux``…)."""
+    return type(model.model.model_config).__name__
+
+
+# --------------------------------------------------------------------------- weights of a MODEL/CLIP
+
+
+class PatcherWeights:
+    """A :class:`~lorax_core.types.WeightSource` over a ``MODEL`` and optionally a ``CLIP``.
+
+    Reads through ``ModelPatcher.get_key_patches``: the *unpatched* stored weight (even while a
+    clone sharing the module is loaded and patched) plus this patcher's own patches, so a
+    merged or LoRA-patched ``MODEL`` is read as the model it represents. Each :meth:`get`
+    returns one float32 CPU tensor: ``convert_fn`` dequantises scaled-fp8/quantized storage,
+    ``comfy.lora.calculate_weight`` adds the patches. The inputs are never modified.
+    """
+
+    def __init__(self, model: Any | None, clip: Any | None = None) -> None:
+        self._entries: dict[str, tuple[list[Any], Any]] = {}
+        if model is not None:
+            for key, patches in model.get_key_patches(UNET_PREFIX).items():
+                self._entries[key] = (patches, model)
+        if clip is not None:
+            for key, patches in clip.patcher.get_key_patches().items():
+                self._entries[TE_PREFIX + key] = (patches, clip.patcher)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over key names, shapes, a 16-value sample of each stored weight and the patch ids."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for key in sorted(self._entries):
+                patches, patcher = self._entries[key]
+                weight = patches[0][0]
+                h.update(f"{key}{tuple(weight.shape)}".encode())
+                flat = weight.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 16)][:16]
+                h.update(sample.to(device="cpu", dtype=torch.float32).numpy().tobytes())
+                if len(patches) > 1:
+                    h.update(str(patcher.patches_uuid).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key][0][0][0].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        patches = self._entries[key][0]
+        weight, convert_fn = patches[0]
+        out = comfy.model_management.cast_to_device(weight, torch.device("cpu"), torch.float32, copy=True)
+        out = convert_fn(out, inplace=True)
+        if len(patches) > 1:
+            comfy_key = key[len(TE_PREFIX) :] if key.startswith(TE_PREFIX) else key
+            out = comfy.lora.calculate_weight(patches[1:], out, comfy_key)
+        return out
+
+
+# --------------------------------------------------------------------------- LoRA files and key maps
+
+
+def _te_target(target: Any) -> Any:
+    if isinstance(target, tuple):
+        return (TE_PREFIX + target[0], *target[1:])
+    return TE_PREFIX + target
+
+
+def lora_key_map(model: Any | None, clip: Any | None) -> dict[str, Any]:
+    """ComfyUI's ``{LoRA layer name: model key}`` map, text-encoder targets under ``text_encoders.``."""
+    key_map: dict[str, Any] = {}
+    if model is not None:
+        key_map.update(comfy.lora.model_lora_keys_unet(model.model, {}))
+    if clip is not None:
+        clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        key_map.update({name: _te_target(target) for name, target in clip_map.items()})
+    return key_map
+
+
+def load_lora_file(name: str | None, lora: Mapping[str, torch.Tensor] | None) -> LoraFile:
+    """Read the LoRA from the ``loras`` combo, or from a ``LORA_MODEL`` input when connected.
+
+    Keys pass through ``comfy.lora_convert.convert_lora`` first (BFL control LoRAs, Wan-Fun…),
+    exactly as ComfyUI's ``LoraLoader`` does.
+    """
+    if lora is not None:
+        tensors = comfy.lora_convert.convert_lora(dict(lora))
+        return parse_lora(tensors, getattr(lora, "metadata", None), source="the LORA_MODEL input")
+    if not name:
+        raise FormatError("no LoRA: pick a file in lora_name or connect a LORA_MODEL input.")
+    return read_lora(_find(("loras",), name, "LoRA"), key_transform=comfy.lora_convert.convert_lora)
+
+
+@dataclass
+class TransferPlan:
+    """Everything ``lorax_core.transfer.transfer_adapter`` needs besides the weights and options."""
+
+    layers: dict[str, AdapterLayer]
+    names: dict[str, str]
+    skipped: dict[str, str]
+
+
+def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | None) -> TransferPlan:
+    """Resolve the LoRA's layer names to source model keys with ComfyUI's key map.
+
+    The key map comes from the target ``MODEL``/``CLIP`` (same family ⇒ same names as the
+    source). Unresolvable, unsupported and — without a target CLIP — text-encoder layers go to
+    ``skipped`` with their reason; the core reports them, nothing is dropped.
+    """
+    resolved, unresolved = resolve_layers(lora.layers, source.weights.keys(), lora_key_map(model, clip))
+    if clip is None:
+        unresolved = {n: TE_NEEDS_CLIP if n.startswith(TE_LAYER_PREFIXES) else r for n, r in unresolved.items()}
+    skipped = dict(lora.unsupported) | unresolved
+    layers: dict[str, AdapterLayer] = {}
+    names: dict[str, str] = {}
+    for name, key in resolved.items():
+        if key.startswith(TE_PREFIX) and clip is None:
+            skipped[name] = TE_NEEDS_CLIP
+            continue
+        layers[key] = lora.layers[name]
+        names[key] = name
+    return TransferPlan(layers=layers, names=names, skipped=skipped)
+
+
+def similarity_pairs(source: SourceModel, target: PatcherWeights, plan: TransferPlan | None,
+                     key_map: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Same-name (source, target) key pairs to compare.
+
+    With a LoRA: the layers it patches. Without: every weight a LoRA could patch here
+    (the 2-D/4-D targets of ComfyUI's key map present in both models).
+    """
+    if plan is not None:
+        keys = list(plan.layers)
+    else:
+        targets = {t for t in key_map.values() if isinstance(t, str)}
+        keys = [k for k in source.weights.keys() if k in targets]
+    return [(k, k) for k in keys if k in target and len(source.weights.shape(k)) in (2, 4)]
+
+
+def similarity_inputs(source: SourceModel, model: Any, clip: Any | None, lora_name: str,
+                      no_lora: str) -> tuple[PatcherWeights, list[tuple[str, str]]]:
+    """The target weights and the key pairs the similarity node compares."""
+    target = PatcherWeights(model, clip)
+    plan = None
+    if lora_name != no_lora:
+        plan = plan_transfer(load_lora_file(lora_name, None), source, model, clip)
+    return target, similarity_pairs(source, target, plan, lora_key_map(model, clip))
+
+
+# --------------------------------------------------------------------------- LORA_MODEL values
+
+
+class TransferredLora(dict):
+    """A ``LORA_MODEL`` (``{ComfyUI-native key: tensor}``) that also remembers where it came from.
+
+    Core nodes (``LoraModelLoader``, ``SaveLoRA``) see a plain dict. The save node uses the
+    extra attributes to write the source file's key style and provenance metadata.
+
+    Attributes:
+        factors: ``{target model key: LoraFactors}`` as the core returned them.
+        layer_names: ``{target model key: layer name in the source LoRA's style}``.
+        lora_file: the source LoRA as read (its key styles), or ``None``.
+        metadata: provenance, string values.
+        report: the core's ``TransferReport``.
+    """
+
+    factors: dict[str, LoraFactors]
+    layer_names: dict[str, str]
+    lora_file: LoraFile | None
+    metadata: dict[str, str]
+    report: Any
+
+
+def _native_name(model_key: str) -> str:
+    return model_key[: -len(".weight")] if model_key.endswith(".weight") else model_key
+
+
+def wrap_result(result: TransferResult, plan: TransferPlan, lora: LoraFile, metadata: dict[str, str]) -> TransferredLora:
+    """Turn the core's result into a ComfyUI-native ``LORA_MODEL`` with provenance attached."""
+    out = TransferredLora()
+    for key, factors in result.layers.items():
+        out.update(pair_tensors(_native_name(key), factors, COMFY_STYLE))
+    by_target = {r.target_key: r.source_key for r in result.report.layers if r.target_key is not None}
+    names = {}
+    for key in result.layers:
+        source_key = by_target.get(key, key)
+        same = source_key == key and key in plan.names
+        names[key] = plan.names[key] if same else layer_name_for(key, lora.format)
+    out.factors = dict(result.layers)
+    out.layer_names = names
+    out.lora_file = LoraFile(format=lora.format, layers={}, styles=dict(lora.styles))
+    out.metadata = dict(metadata)
+    out.report = result.report
+    return out
+
+
+@dataclass
+class Applied:
+    """What applying a ``LORA_MODEL`` did."""
+
+    model: Any
+    clip: Any
+    layers: int
+    patched_model: list[Any] = field(default_factory=list)
+    patched_clip: list[Any] = field(default_factory=list)
+
+
+def apply_lora(model: Any, clip: Any | None, lora: Mapping[str, torch.Tensor],
+               strength_model: float, strength_clip: float) -> Applied:
+    """Clone ``model``/``clip`` and add the LoRA's patches (ComfyUI's ``load_lora`` + ``add_patches``).
+
+    The inputs are never modified. Raises :class:`IncompatibleBaseError` when no layer of the
+    LoRA fits the model (a LoRA for another base family), instead of ComfyUI's silent no-op.
+    """
+    tensors = comfy.lora_convert.convert_lora(dict(lora))
+    layer_count = len({s[0] for s in map(split_key, tensors) if s is not None})
+    unet_patches = comfy.lora.load_lora(tensors, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    new_model = model.clone()
+    patched_model = new_model.add_patches(unet_patches, strength_model)
+    new_clip, patched_clip = clip, []
+    if clip is not None:
+        clip_patches = comfy.lora.load_lora(
+            tensors, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), log_missing=False
+        )
+        new_clip = clip.clone()
+        patched_clip = new_clip.add_patches(clip_patches, strength_clip)
+    misfits = _misfits(unet_patches, new_model) + (_misfits(clip_patches, new_clip.patcher) if clip is not None else [])
+    if misfits:
+        key, want, have = misfits[0]
+        raise IncompatibleBaseError(
+            f"{len(misfits)} of the LoRA's {layer_count} layers do not fit this {model_family(model)} model "
+            f"(e.g. {key}: the LoRA changes a {want} weight, the model's is {have}); it was made for another "
+            "base model family — transfer it with Transfer LoRA first."
+        )
+    if not patched_model and not patched_clip:
+        raise IncompatibleBaseError(
+            f"none of the LoRA's {layer_count} layers fits this {model_family(model)} model; "
+            "it was made for another base model family — transfer it with Transfer LoRA first."
+        )
+    return Applied(new_model, new_clip, layer_count, patched_model, patched_clip)
+
+
+def _misfits(patches: Mapping[Any, Any], patcher: Any) -> list[tuple[str, str, str]]:
+    """``(model key, LoRA ΔW shape, weight shape)`` of every LoRA patch whose shape does not fit.
+
+    ComfyUI only logs "SHAPE MISMATCH … WEIGHT NOT MERGED" at sampling time; we check up front.
+    """
+    state = patcher.model_state_dict()
+    out = []
+    for target, patch in patches.items():
+        key = target if isinstance(target, str) else target[0]
+        if not isinstance(patch, LoRAAdapter) or key not in state or not isinstance(target, str):
+            continue
+        up, down = patch.weights[0], patch.weights[1]
+        weight = state[key].shape
+        want = (int(up.shape[0]), int(down[0].numel()))
+        have = (int(weight[0]), int(torch.Size(weight[1:]).numel()))
+        if want != have:
+            out.append((key, "×".join(map(str, want)), "×".join(map(str, have))))
+    return out
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_folder() -> Path:
+    """``<first loras folder>/lorax``, created if needed (the stock LoraLoader lists it after a refresh)."""
+    folder = Path(folder_paths.get_folder_paths("loras")[0]) / SAVE_SUBFOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save_lora(lora: Mapping[str, torch.Tensor], file_name: str) -> Path:
+    """Write a ``LORA_MODEL`` under :func:`save_folder`, atomically, never overwriting.
+
+    A :class:`TransferredLora` is written in its source LoRA's key style with its provenance
+    metadata; any other ``LORA_MODEL`` in ComfyUI-native style. An existing name gets a
+    counter suffix (``name_00001.safetensors``…) instead of being replaced.
+    """
+    if isinstance(lora, TransferredLora):
+        layers = {lora.layer_names[k]: f for k, f in lora.factors.items()}
+        style: LoraFile | str = lora.lora_file if lora.lora_file is not None else "comfy"
+        metadata = dict(lora.metadata)
+    else:
+        parsed = parse_lora(dict(lora), source="the LORA_MODEL input")
+        layers, style, metadata = parsed.layers, parsed, {"lorax.origin": "LORA_MODEL input"}
+    folder = save_folder()
+    stem = file_name[: -len(".safetensors")] if file_name.endswith(".safetensors") else file_name
+    for counter in range(100000):
+        candidate = folder / (f"{stem}.safetensors" if counter == 0 else f"{stem}_{counter:05d}.safetensors")
+        try:
+            path = write_lora(candidate, layers, style=style, metadata=metadata)
+        except OutputExistsError:
+            continue
+        if isinstance(lora, TransferredLora):
+            _write_text_atomic(path.with_suffix(".report.json"), lora.report.to_json())
+        return path
+    raise OutputExistsError(f"{folder}: 100000 files named {stem}_*.safetensors exist; choose another file name.")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file in the same folder and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    Path(tmp).replace(path)
+
+
+def loras_relative_name(path: Path) -> str:
+    """The name the stock ``LoraLoader`` lists for ``path`` (relative to its ``loras`` folder)."""
+    root = Path(folder_paths.get_folder_paths("loras")[0])
+    return path.relative_to(root).as_posix()

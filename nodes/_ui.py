@@ -1,0 +1,107 @@
+"""UI-facing helpers shared by the nodes: widget values → core options, results → text, errors.
+
+Nothing here imports ComfyUI; the tooltips are module constants so docs/NODES.md can quote
+them verbatim (a test keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from ..lorax_core.errors import LoraxError, with_context
+from ..lorax_core.formats import TOOL_VERSION
+from ..lorax_core.types import METHODS, TransferOptions, TransferReport
+
+if TYPE_CHECKING:
+    from ._host import SourceModel
+
+CATEGORY = "LoRA-X"
+NO_LORA = "(none)"
+
+TIP_SOURCE = (
+    "The base model the LoRA was trained on (a .safetensors checkpoint or diffusion-model file). "
+    "Only the weights a transfer needs are read; nothing is loaded into memory up front."
+)
+TIP_SOURCE_FILE = "Checkpoint or diffusion-model file (from the checkpoints and diffusion_models folders) the LoRA was trained on."
+TIP_TARGET = "The model to move the LoRA onto (e.g. a fine-tune of the source). Not modified."
+TIP_TARGET_CLIP = (
+    "Optional: the target's CLIP. Connect it to also transfer the LoRA's text-encoder layers "
+    "(their source weights come from the source checkpoint); otherwise they are skipped and listed in the report."
+)
+TIP_LORA_NAME = "LoRA file (from the loras folder) trained on the source model. Ignored when a LORA_MODEL is connected."
+TIP_LORA_MODEL = "Optional: a LoRA from another node (LORA_MODEL). Takes precedence over lora_name."
+TIP_SIM_LORA = "Optional LoRA file: compare only the layers it patches. (none) compares every layer a LoRA could patch."
+TIP_METHOD = (
+    "auto: the documented default rule. lorax: LoRA-X projection (for LoRA-X adapters). prolora: ProLoRA "
+    "subspace + complement split. exact: keeps every block (unchanged when target = source). project: plain "
+    "projection onto the target's subspaces. copy: unchanged factors (what loading the LoRA directly does)."
+)
+TIP_RANK = "R: how many top singular directions of each base weight define its subspace (paper: 320). Clipped per layer."
+TIP_THRESHOLD = (
+    "c: how far from chance level (0) towards identical subspaces (1) a layer's similarity must be "
+    "to be transferred. Layers below it are skipped and listed in the report."
+)
+TIP_SIMILARITY = "Optional: a similarity result from Compute Subspace Similarity, reused instead of recomputed."
+TIP_MODEL = "The model to patch (not modified; a patched copy is returned)."
+TIP_CLIP = "Optional CLIP to patch with the LoRA's text-encoder layers."
+TIP_LORA = "The LoRA to apply, e.g. from Transfer LoRA."
+TIP_STRENGTH_MODEL = "How strongly the LoRA changes the diffusion model (1.0 = as trained)."
+TIP_STRENGTH_CLIP = "How strongly the LoRA changes the text encoder (1.0 = as trained)."
+TIP_FILE_NAME = (
+    "File name inside <loras>/lorax/. An existing file is never replaced: a counter is added instead. "
+    "The stock Load LoRA node lists the file after a refresh (R)."
+)
+
+METHOD_CHOICES: tuple[str, ...] = METHODS
+
+
+def transfer_options(method: str, rank: int, threshold: float, device: str) -> TransferOptions:
+    """The core's options from the node's widgets (validated by :class:`TransferOptions`)."""
+    return TransferOptions(method=method, rank=int(rank), threshold=float(threshold), device=device)
+
+
+def report_text(report: TransferReport, header: str) -> str:
+    """The text shown on the node and returned on the ``report`` output."""
+    return f"{header}\n{report.summary()}"
+
+
+def provenance(report: TransferReport, options: TransferOptions, source: SourceModel, target_family: str,
+               target_fingerprint: str, lora_name: str) -> dict[str, str]:
+    """String metadata written with a saved LoRA: where it came from and how it was made."""
+    totals = report.totals()
+    return {
+        "lorax.method": options.method,
+        "lorax.rank": str(options.rank),
+        "lorax.threshold": str(options.threshold),
+        "lorax.source_model": source.name,
+        "lorax.source_family": str(source.family),
+        "lorax.source_fingerprint": source.weights.fingerprint,
+        "lorax.target_family": target_family,
+        "lorax.target_fingerprint": target_fingerprint,
+        "lorax.source_lora": lora_name,
+        "lorax.transferred": str(totals["transferred"]),
+        "lorax.skipped": str(totals["skipped"]),
+        "lorax.report": report.to_json(indent=None),
+        "lorax.host": f"ComfyUI node pack {TOOL_VERSION}",
+    }
+
+
+@contextmanager
+def node_errors(display_name: str) -> Iterator[None]:
+    """Re-raise the core's errors with the node's display name in front, without a traceback chain."""
+    try:
+        yield
+    except LoraxError as exc:
+        raise with_context(exc, display_name) from None
+
+
+def check_file_name(name: str) -> bool | str:
+    """``validate_inputs`` check for the save node's file name: a plain name, no folders."""
+    stripped = name.strip()
+    if not stripped:
+        return "file_name is empty; type a name such as my_lora_transferred."
+    if "/" in stripped or "\\" in stripped or stripped in (".", "..") or stripped.startswith("."):
+        return f"file_name {name!r} must be a plain file name (no folders, not starting with '.')."
+    return True
