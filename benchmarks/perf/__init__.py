@@ -1,0 +1,1 @@
+"""Speed and memory benchmark of LoRA transfer (issue 5); run ``python -m benchmarks.perf``."""
