@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 from .errors import CacheError, OptionError
+from .linalg import SUBSPACE_VERSION
 
 if TYPE_CHECKING:
     from .linalg import Subspace
@@ -67,10 +68,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Names the algorithm that produced an entry. Part of every key: a change to how
-#: ``linalg.top_subspace`` computes or sign-fixes a basis must change this tag, so that
+#: Names the algorithm that produced an entry. Part of every key, and owned by ``linalg`` (which
+#: changes it with any change to how ``top_subspace`` computes or sign-fixes a basis), so that
 #: entries written by an older version are never mistaken for current ones.
-DEFAULT_METHOD_TAG = "top_subspace-gram-signfix-v1"
+DEFAULT_METHOD_TAG = SUBSPACE_VERSION
 
 #: An SDXL source/target pair at R = 320 takes about 3.2 GB in float16 (700 attention and
 #: feed-forward layers per model); the default keeps one such pair plus some headroom.

@@ -89,3 +89,34 @@ def test_corrupt_model_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(FormatError, match=re.escape(f"{path}: truncated or corrupt")):
         open_model(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_get_reads_each_weight_dtype_exactly(tmp_path, dtype):
+    # get() reads the tensor's bytes with a positional read (no memory map); the values and the
+    # stored dtype must be exactly what safetensors wrote.
+    w = torch.randn(6, 5).to(dtype)
+    path = tmp_path / "m.safetensors"
+    save_file({"model.diffusion_model.a.weight": w, "model.diffusion_model.b.weight": torch.zeros(0, 3)}, str(path))
+    model = open_model(path)
+    got = model.get("diffusion_model.a.weight")
+    assert got.dtype == dtype
+    assert torch.equal(got.view(torch.uint8), w.view(torch.uint8))
+    assert model.get("diffusion_model.b.weight").shape == (0, 3)
+
+
+def test_non_weight_dtype_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"model.diffusion_model.ids": torch.arange(4)}, str(path))
+    with pytest.raises(FormatError, match=re.escape("has dtype 'I64', which is not a weight dtype")):
+        open_model(path).get("diffusion_model.ids")
+
+
+def test_file_shrunk_after_opening_is_reported(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"model.diffusion_model.a.weight": torch.randn(64, 64)}, str(path))
+    model = open_model(path)
+    with path.open("r+b") as fh:
+        fh.truncate(path.stat().st_size - 100)
+    with pytest.raises(FormatError, match="truncated: tensor 'model.diffusion_model.a.weight' needs 16384 bytes"):
+        model.get("diffusion_model.a.weight")
