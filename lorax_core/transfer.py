@@ -216,16 +216,29 @@ def transfer_lorax_layer(f: LoraXFactors, src: Subspace, tgt: Subspace) -> LoraF
     return LoraFactors(up=t.U @ core_t, down=t.V.T.contiguous())
 
 
-def choose_method(layer: AdapterLayer, requested: str) -> str:
+def choose_method(layer: AdapterLayer, requested: str, *, conv: bool = False) -> str:
     """The method actually used for a layer.
 
-    ``auto`` rule: ``lorax`` (Eq. 3) for LoRA-X layers, ``exact`` for standard LoRA layers.
-    ``exact`` is chosen over ``prolora`` until the quality benchmark says otherwise because it is
-    the one projection method that returns ΔW unchanged when target = source and tends to it
-    as the target approaches the source; ProLoRA's two-term split drops the cross blocks
-    (50–90 % relative error on random LoRAs on a near-identical target, METHOD.md §9.1).
+    ``auto`` rule: ``lorax`` (Eq. 3) for LoRA-X layers; for standard LoRA layers ``copy`` when
+    the base weight is a convolution (``conv=True``: 1×1 or 3×3) and ``exact`` otherwise —
+    always behind the similarity gate (``auto`` never transfers a layer below the threshold,
+    whichever method it picks).
+
+    Why: ``exact`` is the one projection method that returns ΔW unchanged when target = source
+    and tends to it as the target approaches the source; ProLoRA's two-term split drops the
+    cross blocks (50–90 % relative error on random LoRAs on a near-identical target) and
+    ``project`` keeps only the part of ΔW inside the top-R spaces (18–40 % of its norm in the
+    quality benchmark). In the quality benchmark (``benchmarks/results/QUALITY.md``) the conv
+    layers were the least similar ones and the only place ``exact`` trailed ``copy`` (by 0.05–0.06
+    of the style score, within one seed-std); copying them made ``auto`` match ``copy`` within
+    0.01 on the fine-tuned target while keeping the similarity gate that refuses unrelated bases.
     A standard method requested for a LoRA-X layer applies to its factors on the source base
     (``lorax_to_lora``).
+
+    Args:
+        layer: the adapter layer.
+        requested: ``TransferOptions.method``.
+        conv: whether the layer's base weight is 4-D (a convolution).
 
     Raises:
         OptionError: unknown method, or ``lorax`` for a standard LoRA layer.
@@ -239,7 +252,9 @@ def choose_method(layer: AdapterLayer, requested: str) -> str:
             "method 'lorax' needs a LoRA-X adapter (ΔΣ cores), but this is a standard LoRA (up/down); "
             "use 'auto', 'exact', 'prolora', 'project' or 'copy'."
         )
-    return "exact" if requested == "auto" else requested
+    if requested == "auto":
+        return "copy" if conv else "exact"
+    return requested
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +395,8 @@ def transfer_adapter(
     matches = _resolve_targets(layers, source, target, options, provider)
     for key, layer in layers.items():
         display = names.get(key, key)
-        method = choose_method(layer, options.method)
+        conv = matches[key].reason != SKIP_NO_SOURCE and len(source.shape(key)) == 4
+        method = choose_method(layer, options.method, conv=conv)
         entry = LayerReport(key=display, status="skipped", reason="", method=method, source_key=key)
         try:
             factors = _transfer_one(
@@ -462,7 +478,9 @@ def _transfer_one(
     if match.by == "similarity":
         notes.append(f"paired by similarity with {tkey}")
 
-    if method != "copy" or isinstance(layer, LoraXFactors):
+    # copy asked for by name skips the similarity test (it is what loading the LoRA directly
+    # does); every other method, and copy chosen by auto, is gated on it.
+    if method != "copy" or isinstance(layer, LoraXFactors) or options.method == "auto":
         src = provider.get(source, key, R)
         tgt = provider.get(target, tkey, R)
         sim = _similarity_for(key, tkey, src, tgt, R, m, n, options, similarity)
@@ -488,6 +506,8 @@ def _transfer_one(
         note = _completeness_note(R, m, n, method)
         if note:
             notes.append(note)
+        if method == "copy" and options.method == "auto":
+            notes.append("auto: convolution layers keep their update (copy)")
     else:
         device = torch.device(options.device)
         flat = LoraFactors(

@@ -397,6 +397,8 @@ def test_method_errors(make_weight, make_factors) -> None:
 def test_choose_method_auto_rule(make_factors) -> None:
     fx = LoraXFactors(core=torch.ones(4), shape=(8, 8))
     assert choose_method(make_factors(8, 8, 2), "auto") == "exact"
+    assert choose_method(make_factors(8, 8, 2, kernel=(3, 3)), "auto", conv=True) == "copy"
+    assert choose_method(make_factors(8, 8, 2), "exact", conv=True) == "exact"
     assert choose_method(fx, "auto") == "lorax"
     assert choose_method(fx, "prolora") == "prolora"
 
@@ -417,3 +419,22 @@ def test_update_projected_to_zero_is_reported(make_orthogonal) -> None:
         _run(f, W, W, method="project", rank=16)
     rep = _run(f, W, W, method="exact", rank=16).report.layers[0]
     assert rep.status == "transferred" and rep.output_rank == 4
+
+
+def test_auto_copies_conv_layers_behind_the_similarity_gate(make_weight, make_factors, make_orthogonal, helpers,
+                                                              tol) -> None:
+    # auto keeps a conv layer's update unchanged (the quality benchmark's finding) but, unlike
+    # copy asked for by name, still refuses a conv layer whose base is unrelated.
+    W = make_weight(64, 64 * 9).reshape(64, 64, 3, 3)
+    W_t = (W.reshape(64, -1) + 0.01 * make_weight(64, 64 * 9)).reshape(64, 64, 3, 3)
+    f = make_factors(64, 64, 4, alpha=2.0, kernel=(3, 3))
+    result = _run(f, W, W_t, method="auto", rank=R)
+    record = result.report.layers[0]
+    assert record.method == "copy" and record.status == "transferred" and "auto: convolution" in record.reason
+    assert record.phi_left is not None
+    assert helpers.rel_err(_out(result), helpers.dense(f)) < tol[torch.float32]
+
+    rotated = (make_orthogonal(64) @ W.reshape(64, -1) @ make_orthogonal(64 * 9).T).reshape(64, 64, 3, 3)
+    with pytest.raises(NothingTransferableError, match="similarity below threshold"):
+        _run(f, W, rotated, method="auto", rank=R)
+    assert _run(f, W, rotated, method="copy", rank=R).report.layers[0].status == "transferred"

@@ -1,0 +1,155 @@
+"""Sampling with an adapter merged into a base model, and the three metrics of the protocol.
+
+Metrics (the toy counterparts of the paper's HPSv2 / DINOv2 / LPIPS triad):
+
+* ``style`` — the metric classifier's mean probability that a sample shows the adapter's style;
+* ``content`` — the classifier's shape-class accuracy against the prompt (the class label);
+* ``distance`` — squared MMD (RBF kernel, fixed bandwidth) between the classifier features of
+  a method's samples and the retrained reference's samples for the same prompts and seeds;
+  ``paired`` — mean feature distance between the two images of each (prompt, seed) pair,
+  the reading reviewers give the paper's DINOv2 column.
+
+Every score is computed per sampling seed and reported as mean and (population) std over seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lorax_core.types import LoraFactors
+
+from . import data
+from .model import Diffusion, TextEncoder, ToyLDM, ddim_sample
+from .train import Classifier
+
+__all__ = ["Sampler", "Scores", "classifier_accuracy", "feature_bandwidth", "merge", "mmd2", "score"]
+
+
+def merge(state: Mapping[str, torch.Tensor], layers: Mapping[str, LoraFactors]) -> dict[str, torch.Tensor]:
+    """A new state dict ``W + scale · up @ down`` for every adapter layer (keys are model keys).
+
+    Building the dense ΔW is fine here: the benchmark's layers are at most 64×576.
+    """
+    merged = dict(state)
+    for key, f in layers.items():
+        w = merged[key]
+        delta = (f.up2d().float() * f.scale) @ f.down2d().float()
+        merged[key] = w + delta.reshape(w.shape).to(w.dtype)
+    return merged
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Generates the fixed evaluation set: ``seeds`` × ``per_seed`` images, same prompts and noise."""
+
+    text: TextEncoder
+    diffusion: Diffusion
+    seeds: int
+    per_seed: int
+    steps: int
+    guidance: float
+
+    def labels(self) -> torch.Tensor:
+        return data.balanced_labels(self.per_seed).repeat(self.seeds)
+
+    def __call__(self, model: ToyLDM, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Samples ``(seeds·per_seed, 3, 16, 16)``; seed s draws its noise from generator seed 1000 + s.
+
+        ``model`` only gives the architecture: the weights are loaded into a fresh instance, because
+        ``load_state_dict`` copies into the parameters in place and would otherwise leak one
+        method's merged adapter into the base weights every later method starts from.
+        """
+        model = ToyLDM(model.config, model.depths)
+        model.load_state_dict(dict(state))
+        model.eval()
+        noise = torch.cat(
+            [torch.randn((self.per_seed, 12, 8, 8), generator=torch.Generator().manual_seed(1000 + s))
+             for s in range(self.seeds)]
+        )  # fmt: skip
+        return ddim_sample(model, self.diffusion, self.text, self.labels(), noise, self.steps, self.guidance)
+
+
+@dataclass
+class Scores:
+    """Per-seed metric values of one (target, adapter, method) cell."""
+
+    style: list[float]
+    content: list[float]
+    distance: list[float] | None = None
+    paired: list[float] | None = None
+
+    def summary(self) -> dict[str, float | None]:
+        def mean_std(values: list[float] | None) -> tuple[float | None, float | None]:
+            if values is None:
+                return None, None
+            return statistics.fmean(values), statistics.pstdev(values)
+
+        out: dict[str, float | None] = {}
+        for name in ("style", "content", "distance", "paired"):
+            m, s = mean_std(getattr(self, name))
+            out[name], out[f"{name}_std"] = m, s
+        return out
+
+
+def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
+    """Biased squared MMD with an RBF kernel ``exp(−‖a−b‖² / (2 bw²))`` (≥ 0, 0 for equal sets)."""
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-torch.cdist(a, b).pow(2) / (2 * bandwidth**2))
+
+    return float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
+
+
+@torch.no_grad()
+def score(
+    classifier: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    style_index: int,
+    seeds: int,
+    reference: torch.Tensor | None,
+    bandwidth: float,
+) -> Scores:
+    """Style, content and (with a reference set) distance scores, one value per seed."""
+    feats = classifier.features(images)
+    content_logits, style_logits = classifier.content(feats), classifier.style(feats)
+    style_p = style_logits.softmax(dim=1)[:, style_index]
+    correct = (content_logits.argmax(dim=1) == labels).float()
+    ref_feats = classifier.features(reference) if reference is not None else None
+    result = Scores(style=[], content=[], distance=[] if reference is not None else None,
+                    paired=[] if reference is not None else None)  # fmt: skip
+    for f_seed, idx in zip(feats.chunk(seeds), torch.arange(len(images)).chunk(seeds), strict=True):
+        result.style.append(float(style_p[idx].mean()))
+        result.content.append(float(correct[idx].mean()))
+        if ref_feats is not None and result.distance is not None and result.paired is not None:
+            r_seed = ref_feats[idx]
+            result.distance.append(mmd2(f_seed, r_seed, bandwidth))
+            result.paired.append(float((f_seed - r_seed).norm(dim=1).mean() / bandwidth))
+    return result
+
+
+@torch.no_grad()
+def feature_bandwidth(classifier: Classifier, seed: int = 7, count: int = 256) -> float:
+    """Median pairwise feature distance of clean renders (every domain and style): the RBF bandwidth."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [data.render(data.balanced_labels(count // 6), d, s, g) for d in data.DOMAINS for s in data.STYLES]
+    feats = classifier.features(torch.cat(parts))
+    return float(torch.cdist(feats, feats).median())
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier: Classifier, seed: int = 11, count: int = 128) -> dict[str, float]:
+    """Content and style accuracy of the metric classifier on fresh clean renders of every domain × style."""
+    g = torch.Generator().manual_seed(seed)
+    result: dict[str, float] = {}
+    for d in data.DOMAINS:
+        for si, s in enumerate(data.STYLES):
+            labels = data.balanced_labels(count)
+            content, style = classifier(data.render(labels, d, s, g))
+            result[f"{d}/{s}/content"] = round(float((content.argmax(1) == labels).float().mean()), 3)
+            result[f"{d}/{s}/style"] = round(float((style.argmax(1) == si).float().mean()), 3)
+    return result
