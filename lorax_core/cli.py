@@ -1,4 +1,4 @@
-"""The command line: ``python -m lorax_core transfer | similarity | inspect``.
+"""The command line: ``python -m lorax_core transfer | similarity | inspect | cache``.
 
 A thin host around the core, like the ComfyUI nodes: it reads files (:mod:`lorax_core.formats`,
 :mod:`lorax_core.modelio`), resolves LoRA layer names to model keys, calls one core function,
@@ -38,6 +38,8 @@ from .types import METHODS, AdapterLayer, LoraFactors, TransferOptions
 
 if TYPE_CHECKING:
     import torch
+
+    from .cache import DiskCache
 
 __all__ = ["build_parser", "main"]
 
@@ -115,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("file", type=Path, help="a LoRA or model .safetensors file")
     i.add_argument("--json", action="store_true", dest="as_json", help="print JSON instead of text")
+
+    c = sub.add_parser(
+        "cache",
+        help="show or empty the on-disk subspace cache",
+        description="The subspace cache keeps the singular-value decompositions of base weights between runs. "
+        "'info' prints its folder, entry count and size; 'clear' deletes its entries (only files it wrote).",
+    )
+    c.add_argument("action", choices=("info", "clear"), help="info: entries and size; clear: delete every entry")
+    c.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="subspace cache folder (default: ~/.cache/lorax; the ComfyUI nodes use "
+        "<ComfyUI user folder>/__lorax/subspace-cache)",
+    )
     return parser
 
 
@@ -143,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transfer": _cmd_transfer,
         "similarity": _cmd_similarity,
         "inspect": _cmd_inspect,
+        "cache": _cmd_cache,
     }
     try:
         return commands[args.command](args)
@@ -431,6 +450,63 @@ def inspect_file(path: Path) -> dict[str, object]:
 def _short(text: str, limit: int = 100) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    """``cache info`` / ``cache clear``: one line on stdout. A missing folder is reported, not created."""
+    from .cache import default_cache_dir
+
+    root = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
+    if root.exists() and not root.is_dir():
+        raise OptionError(
+            f"--cache-dir {str(root)!r} is a file, not a folder; pass the cache folder "
+            f"(default {str(default_cache_dir())!r})."
+        )
+    if not root.exists():
+        print(f"subspace cache {root}: no entries (the folder does not exist yet)")
+        return 0
+    entries, size, cache = cache_usage(root)
+    if args.action == "info":
+        limit = _human_bytes(cache.max_bytes)
+        print(f"subspace cache {root}: {_entries_text(entries)}, {_human_bytes(size)} (limit {limit})")
+        return 0
+    cache.clear()
+    left, _, _ = cache_usage(root)
+    print(f"subspace cache {root}: removed {_entries_text(entries - left)} ({_human_bytes(size)})")
+    return 0
+
+
+def cache_usage(root: Path) -> tuple[int, int, DiskCache]:
+    """``(entry count, total bytes, the DiskCache)`` of the cache rooted at an existing folder ``root``.
+
+    Raises:
+        CacheError: the folder is not writable (the message names it).
+    """
+    from .cache import DiskCache
+
+    cache = DiskCache(root)
+    # Entries are the published ``*.safetensors`` files; in-flight temporary files end in ``.tmp``.
+    entries = sum(1 for p in cache.directory.glob("*.safetensors") if p.is_file())
+    return entries, cache.total_bytes(), cache
+
+
+def _entries_text(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
+def _human_bytes(n: int) -> str:
+    """``1536`` → ``1.5 KiB`` (binary units, one decimal; plain bytes below 1 KiB)."""
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 # ---------------------------------------------------------------- helpers

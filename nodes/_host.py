@@ -10,7 +10,8 @@ What lives here (COMFYUI.md §2, §7 "reuse; do not rewrite"):
 * applying a LoRA state dict: ``comfy.lora.load_lora`` → ``clone()`` + ``add_patches``;
 * ``folder_paths`` lookups, the output folder of the save node;
 * the progress callback (``comfy.utils.ProgressBar`` + ``throw_exception_if_processing_interrupted``),
-  the compute device (``comfy.model_management``) and a process-wide subspace cache.
+  the compute device (``comfy.model_management``) and the subspace cache (memory in front of a
+  disk cache in ComfyUI's user folder, :func:`subspace_cache`).
 
 Model-key namespace: ``diffusion_model.<path>.weight`` for the diffusion model (ComfyUI's own
 names) and ``text_encoders.<ComfyUI CLIP key>`` for text encoders, the namespace of
@@ -36,8 +37,8 @@ import folder_paths
 import torch
 from comfy.weight_adapter import LoRAAdapter
 
-from ..lorax_core.cache import MemoryCache
-from ..lorax_core.errors import FormatError, IncompatibleBaseError, OutputExistsError
+from ..lorax_core.cache import DiskCache, MemoryCache, NullCache, SubspaceCache
+from ..lorax_core.errors import CacheError, FormatError, IncompatibleBaseError, OutputExistsError
 from ..lorax_core.formats import LoraFile, parse_lora, read_lora, write_lora
 from ..lorax_core.formats.base import pair_tensors
 from ..lorax_core.formats.keys import COMFY_STYLE, KOHYA_TEXT_ENCODERS, split_key
@@ -51,20 +52,58 @@ SOURCE_FOLDERS = ("checkpoints", "diffusion_models")
 SAVE_SUBFOLDER = "lorax"
 # Subspaces of base weights are reused across runs in one ComfyUI process (the second transfer
 # onto the same target costs no SVD). 1 GiB holds every R=320 basis of an SD1.5 UNet twice over.
+# Behind it, a DiskCache keeps them across restarts (bounded by its own default, 8 GiB).
 CACHE_BYTES = 1 << 30
+# ComfyUI's *system* user folder ``<user>/__lorax``: the ``__`` prefix keeps it out of the
+# /userdata HTTP API (a plain ``<user>/lorax`` would be reachable as user "lorax" with --multi-user).
+CACHE_SYSTEM_USER = "lorax"
+CACHE_SUBFOLDER = "subspace-cache"
 # LoRA layer names that address a text encoder (kohya, ComfyUI-native, PEFT/diffusers).
 TE_LAYER_PREFIXES = (*KOHYA_TEXT_ENCODERS, TE_PREFIX, "text_encoder.", "text_encoder_2.")
 TE_NEEDS_CLIP = "text-encoder layer: connect the target model's CLIP to the node to transfer it"
 
-_cache: MemoryCache | None = None
+_cache: tuple[Path, MemoryCache] | None = None
 
 
-def subspace_cache() -> MemoryCache:
-    """The process-wide subspace cache (created on first use, never at import time)."""
+def subspace_cache_dir() -> Path:
+    """Where the node keeps subspaces on disk: ``<ComfyUI user folder>/__lorax/subspace-cache``.
+
+    Follows ``--user-directory``. Hosts older than ``folder_paths.get_system_user_directory``
+    (present in v0.3.75) get ``<user folder>/lorax/subspace-cache``. Nothing is created here.
+    """
+    system_dir = getattr(folder_paths, "get_system_user_directory", None)
+    if system_dir is not None:
+        return Path(system_dir(CACHE_SYSTEM_USER)) / CACHE_SUBFOLDER
+    return Path(folder_paths.get_user_directory()) / CACHE_SYSTEM_USER / CACHE_SUBFOLDER
+
+
+def subspace_cache(use_disk: bool) -> SubspaceCache:
+    """The subspace cache for a node run: the ``use_cache`` widget maps to ``use_disk``.
+
+    ``use_disk=True``: a process-wide :class:`MemoryCache` (:data:`CACHE_BYTES`) in front of a
+    :class:`DiskCache` in :func:`subspace_cache_dir`, created on first use (never at import
+    time) and again if the user folder changed. Hits from disk are float32 CPU tensors that
+    were stored in float16 (≈ 4e-4 relative, see ``lorax_core.cache``). ``use_disk=False``: a
+    :class:`NullCache`, so every subspace is recomputed and nothing is kept or written.
+
+    Raises:
+        CacheError: the cache folder cannot be created or written; the message names it and
+            says to turn ``use_cache`` off.
+    """
     global _cache
-    if _cache is None:
-        _cache = MemoryCache(CACHE_BYTES)
-    return _cache
+    if not use_disk:
+        return NullCache()
+    directory = subspace_cache_dir()
+    if _cache is None or _cache[0] != directory:
+        try:
+            disk = DiskCache(directory)
+        except CacheError:
+            raise CacheError(
+                f"the subspace cache folder {str(directory)!r} cannot be created or written; "
+                "fix its permissions (or ComfyUI's --user-directory), or turn off use_cache on the node."
+            ) from None
+        _cache = (directory, MemoryCache(CACHE_BYTES, backing=disk))
+    return _cache[1]
 
 
 def compute_device() -> str:

@@ -43,6 +43,11 @@ TIP_THRESHOLD = (
     "c: how far from chance level (0) towards identical subspaces (1) a layer's similarity must be "
     "to be transferred. Layers below it are skipped and listed in the report."
 )
+TIP_USE_CACHE = (
+    "Reuse base-weight decompositions (SVDs) saved on disk under ComfyUI's user folder "
+    "(user/__lorax/subspace-cache), so repeat runs on the same models skip them. "
+    "Turn off to recompute everything and store nothing."
+)
 TIP_SIMILARITY = "Optional: a similarity result from Compute Subspace Similarity, reused instead of recomputed."
 TIP_MODEL = "The model to patch (not modified; a patched copy is returned)."
 TIP_CLIP = "Optional CLIP to patch with the LoRA's text-encoder layers."

@@ -17,6 +17,7 @@ from ._ui import (
     TIP_TARGET,
     TIP_TARGET_CLIP,
     TIP_THRESHOLD,
+    TIP_USE_CACHE,
     node_errors,
 )
 
@@ -44,6 +45,7 @@ class LoraXSubspaceSimilarity(io.ComfyNode):
                 io.Combo.Input("lora_name", options=[NO_LORA, *_host.lora_names()], default=NO_LORA, tooltip=TIP_SIM_LORA),
                 io.Int.Input("rank", default=320, min=1, max=4096, tooltip=TIP_RANK),
                 io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01, tooltip=TIP_THRESHOLD),
+                io.Boolean.Input("use_cache", default=True, tooltip=TIP_USE_CACHE),
             ],
             outputs=[
                 LoraxSimilarity.Output(display_name="similarity", tooltip="Per-layer similarity, for Transfer LoRA."),
@@ -53,12 +55,13 @@ class LoraXSubspaceSimilarity(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, source, target, lora_name: str, rank: int, threshold: float, target_clip=None) -> io.NodeOutput:
+    def execute(cls, source, target, lora_name: str, rank: int, threshold: float, use_cache: bool = True,
+                target_clip=None) -> io.NodeOutput:
         with node_errors(DISPLAY_NAME):
             target_weights, pairs = _host.similarity_inputs(source, target, target_clip, lora_name, NO_LORA)
             table = compute_similarity(
                 source.weights, target_weights, pairs, rank, threshold,
-                cache=_host.subspace_cache(), device=_host.compute_device(), progress=_host.progress_callback(),
+                cache=_host.subspace_cache(use_cache), device=_host.compute_device(), progress=_host.progress_callback(),
             )
         text = table.summary()
         return io.NodeOutput(table, similarity_chart(table), text, ui=ui.PreviewText(text))

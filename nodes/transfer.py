@@ -20,6 +20,7 @@ from ._ui import (
     TIP_TARGET,
     TIP_TARGET_CLIP,
     TIP_THRESHOLD,
+    TIP_USE_CACHE,
     node_errors,
     provenance,
     report_text,
@@ -52,6 +53,7 @@ class LoraXTransferLoRA(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHOD_CHOICES), default="auto", tooltip=TIP_METHOD),
                 io.Int.Input("rank", default=320, min=1, max=4096, tooltip=TIP_RANK),
                 io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01, tooltip=TIP_THRESHOLD),
+                io.Boolean.Input("use_cache", default=True, tooltip=TIP_USE_CACHE),
                 io.Clip.Input("target_clip", optional=True, tooltip=TIP_TARGET_CLIP),
                 io.LoraModel.Input("lora", optional=True, tooltip=TIP_LORA_MODEL),
                 LoraxSimilarity.Input("similarity", optional=True, tooltip=TIP_SIMILARITY),
@@ -64,7 +66,7 @@ class LoraXTransferLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, target, lora_name: str, method: str, rank: int, threshold: float,
-                target_clip=None, lora=None, similarity=None) -> io.NodeOutput:
+                use_cache: bool = True, target_clip=None, lora=None, similarity=None) -> io.NodeOutput:
         with node_errors(DISPLAY_NAME):
             lora_file = _host.load_lora_file(None if lora_name == NO_LORA else lora_name, lora)
             target_weights = _host.PatcherWeights(target, target_clip)
@@ -72,7 +74,7 @@ class LoraXTransferLoRA(io.ComfyNode):
             options = transfer_options(method, rank, threshold, _host.compute_device())
             result = transfer_adapter(
                 plan.layers, source.weights, target_weights, options, names=plan.names, skipped=plan.skipped,
-                similarity=similarity, cache=_host.subspace_cache(), progress=_host.progress_callback(),
+                similarity=similarity, cache=_host.subspace_cache(use_cache), progress=_host.progress_callback(),
             )
         lora_name_used = "LORA_MODEL input" if lora is not None else lora_name
         meta = provenance(result.report, options, source, _host.model_family(target), target_weights.fingerprint,

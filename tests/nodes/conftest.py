@@ -27,6 +27,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """ComfyUI's user folder (where the nodes keep their disk subspace cache) in a temp folder.
+
+    Without it, every node test with ``use_cache`` on would write into the host's own
+    ``.comfyui/user``. Tests that inspect the cache point it at their own ``tmp_path`` again.
+    """
+    before = folder_paths.get_user_directory()
+    folder = tmp_path_factory.mktemp("user")
+    folder_paths.set_user_directory(str(folder))
+    yield folder
+    folder_paths.set_user_directory(before)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> TinyModels:
     """The tiny SD1.5 model set (generated once, cached under out/.cache)."""
