@@ -18,8 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import (
     FormatError,
@@ -611,121 +610,58 @@ def _header_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return state, metadata
 
 
+#: The host-side bridge that calls ComfyUI's key tables for ``--comfyui``. It lives with the
+#: other ComfyUI glue in ``nodes/`` and is loaded by file path, so ``lorax_core`` itself never
+#: imports ComfyUI (and does not import the pack's ``nodes`` package, whose name ComfyUI's own
+#: ``nodes`` module shares).
+COMFY_BRIDGE = Path(__file__).resolve().parent.parent / "nodes" / "_comfy_keymap.py"
+
+
 def _comfyui_key_map(
     root: Path, model_path: Path
 ) -> tuple[dict[str, str | tuple[str, object]], Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]:
-    """ComfyUI's LoRA key map for the source model, and its LoRA key converter.
+    """ComfyUI's LoRA key map for the source model, and its LoRA key converter (``--comfyui``).
 
-    This is the one place ``lorax_core`` touches ComfyUI, and only behind ``--comfyui``: the
-    per-family tables that map diffusers block names onto the original UNet layout are
-    ComfyUI's (GPL), so we call them instead of copying them.
-
-    No weight is loaded: ComfyUI detects the model family from the file's header (names,
-    shapes and dtypes, plus the few small tensors whose values some families test; see
-    :func:`_header_state_dict`), builds the model and, for a full checkpoint, its text
-    encoder on the ``meta`` device, and derives the key map from their parameter names —
-    the same calls ComfyUI's own loaders make, minus the weight loading. Text-encoder targets
-    are moved into the ``text_encoders.`` namespace of :mod:`lorax_core.modelio`.
+    The per-family tables that map diffusers block names onto the original UNet layout are
+    ComfyUI's (GPL), so they are called, not copied — through ``nodes/_comfy_keymap.py``.
+    No weight is loaded: ComfyUI detects the model family from the file's header (see
+    :func:`_header_state_dict`) and builds the model and, for a full checkpoint, its text
+    encoder on the ``meta`` device. Text-encoder targets are in the ``text_encoders.``
+    namespace of :mod:`lorax_core.modelio`.
 
     Raises:
-        OptionError: PATH is not a ComfyUI install.
+        OptionError: PATH is not a ComfyUI install, or the pack's bridge module is missing.
         FormatError: the file is unreadable, or ComfyUI does not recognise the model.
     """
+    import importlib.util
+
     root = root.expanduser().resolve()
     if not (root / "comfy" / "lora.py").is_file():
         raise OptionError(
             f"--comfyui {root}: not a ComfyUI install (no comfy/lora.py there); pass ComfyUI's root folder."
         )
+    if not COMFY_BRIDGE.is_file():
+        raise OptionError(
+            f"--comfyui needs the pack's nodes/_comfy_keymap.py next to lorax_core (not found at {COMFY_BRIDGE}); "
+            "run the command from a full checkout of the pack."
+        )
     state, metadata = _header_state_dict(model_path)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    import logging
-
-    import torch
-
-    # ComfyUI must be told to stay on the CPU before comfy.model_management is first imported
-    # (a CUDA build of torch on a machine without a GPU fails there otherwise).
-    from comfy.cli_args import args as comfy_args  # noqa: TID251 -- explicit --comfyui flag: reuse ComfyUI's key tables
-
-    comfy_args.cpu = True
-    import comfy.lora  # noqa: TID251 -- explicit --comfyui flag: model_lora_keys_unet/_clip
-    import comfy.lora_convert  # noqa: TID251 -- explicit --comfyui flag: convert_lora
-    import comfy.model_detection  # noqa: TID251 -- explicit --comfyui flag: detect the family from the header
-
-    # ComfyUI logs its detection steps (an unknown model is an ERROR record with the whole
-    # derived config); our contract is one stderr line per failure, so they are muted here.
-    previous_disable = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
+    spec = importlib.util.spec_from_file_location("lorax_comfy_keymap", COMFY_BRIDGE)
+    bridge = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bridge)  # type: ignore[union-attr]
     try:
-        config, unet_state, prefix = _detect(comfy.model_detection, state, metadata)
-        if config is None:
-            raise FormatError(
-                f"--comfyui: ComfyUI does not recognise {model_path} as a model it can load (no model family "
-                "matches its weight names and shapes); pass the base model file the LoRA was trained on, as a "
-                "checkpoint or diffusion-model .safetensors in ComfyUI's layout."
-            )
-        # Nothing is computed or loaded, so the dtype only has to be one every family accepts.
-        config.set_inference_dtype(torch.float32, None)
-        with torch.device("meta"):  # every tensor a constructor makes without naming a device
-            model = config.get_model(unet_state, prefix, device="meta")
-        key_map: dict[str, str | tuple[str, object]] = dict(comfy.lora.model_lora_keys_unet(model, {}))
-        key_map.update(_text_encoder_key_map(comfy.lora, config, state))
-    except LoraxError:
-        raise
+        found = bridge.key_map_from_header(state, metadata, standalone=True)
     except Exception as exc:  # ComfyUI raises plain KeyError/RuntimeError on layouts it half-recognises
         raise FormatError(
             f"--comfyui: ComfyUI could not build a key map for {model_path} ({type(exc).__name__}: {exc}); "
             "pass the base model file the LoRA was trained on."
         ) from None
-    finally:
-        logging.disable(previous_disable)
-    return key_map, comfy.lora_convert.convert_lora
-
-
-def _detect(
-    model_detection: ModuleType, state: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> tuple[Any, dict[str, torch.Tensor], str]:
-    """ComfyUI's model config for ``state``: as its checkpoint loader finds it, else as its diffusion-model loader does.
-
-    Args:
-        model_detection: ComfyUI's ``comfy.model_detection`` module (imported by the caller).
-
-    Returns:
-        ``(config or None, the state dict it was detected on, the UNet key prefix in it)``.
-    """
-    # Copies: detection pops marker keys (``scaled_fp8``) from the dict it is given.
-    prefix = model_detection.unet_prefix_from_state_dict(state)
-    config = model_detection.model_config_from_unet(dict(state), prefix, metadata=metadata)
-    if config is not None:
-        return config, state, prefix
-    # A diffusion-model-only file: the weights carry no prefix (or an unusual one, stripped).
-    stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)} or state
-    return model_detection.model_config_from_unet(dict(stripped), "", metadata=metadata), stripped, ""
-
-
-def _text_encoder_key_map(
-    lora_module: ModuleType, config: Any, state: dict[str, torch.Tensor]
-) -> dict[str, str | tuple[str, object]]:
-    """ComfyUI's text-encoder LoRA keys for a full checkpoint, in the ``text_encoders.`` namespace.
-
-    As ComfyUI's checkpoint loader does, the family's text encoder is built only when the file
-    holds text-encoder weights; here on the ``meta`` device (its parameter names are all the key
-    map needs). An empty map for diffusion-model-only files.
-
-    Args:
-        lora_module: ComfyUI's ``comfy.lora`` module (imported by the caller).
-        config: the detected ComfyUI model config.
-    """
-    import torch
-
-    clip_state = config.process_clip_state_dict(dict(state))  # a copy: it renames keys in place
-    target = config.clip_target(state_dict=state) if clip_state else None
-    if target is None:
-        return {}
-    params = dict(target.params, dtype=torch.float32, device="meta", model_options={})
-    with torch.device("meta"):
-        encoder = target.clip(**params)
-    out: dict[str, str | tuple[str, object]] = {}
-    for name, key in lora_module.model_lora_keys_clip(encoder, {}).items():
-        out[name] = (f"text_encoders.{key[0]}", key[1]) if isinstance(key, tuple) else f"text_encoders.{key}"
-    return out
+    if found is None:
+        raise FormatError(
+            f"--comfyui: ComfyUI does not recognise {model_path} as a model it can load (no model family "
+            "matches its weight names and shapes); pass the base model file the LoRA was trained on, as a "
+            "checkpoint or diffusion-model .safetensors in ComfyUI's layout."
+        )
+    return found

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorax_core.cli import _comfyui_key_map, _header_state_dict
-from lorax_core.errors import FormatError
+from lorax_core.errors import FormatError, OptionError
 from lorax_core.formats.resolve import NEEDS_COMFYUI
 
 # comfy: needs the host; slow: the fixture writes three 52 MB models and two tests start a ComfyUI import.
@@ -249,6 +249,16 @@ def test_half_recognised_model(tmp_path: Path) -> None:
         match=rf"^--comfyui: ComfyUI could not build a key map for {re.escape(str(path))} \(KeyError: .*attn2\.to_k",
     ):
         _comfyui_key_map(COMFYUI, path)
+
+
+def test_missing_bridge_module(files, monkeypatch, tmp_path: Path) -> None:
+    # lorax_core reaches ComfyUI only through the pack's nodes/_comfy_keymap.py (it never imports
+    # ComfyUI itself); a lorax_core copied out of the pack says what is missing.
+    import lorax_core.cli as cli
+
+    monkeypatch.setattr(cli, "COMFY_BRIDGE", tmp_path / "nodes" / "_comfy_keymap.py")
+    with pytest.raises(OptionError, match=re.escape("--comfyui needs the pack's nodes/_comfy_keymap.py next to lorax_core")):
+        _comfyui_key_map(COMFYUI, files.source)
 
 
 def test_header_state_dict_reads_no_weights(comfy_files: ComfyFiles) -> None:
