@@ -12,6 +12,20 @@ const LORAX_NODES = new Set([
   "LoraXSaveTransferredLoRA",
 ]);
 const WIDGET_NAME = "lorax_report";
+// The report box's minimum height: one text line per report line, between REPORT_MIN_LINES
+// (room for a short report that wraps, like a saved file's path) and REPORT_MAX_LINES (longer
+// reports scroll). Without it the frontend's default minimum (about three lines) wins and
+// computeSize() never grows the node, so a 60-layer transfer report shows only its header.
+const REPORT_LINE_PX = 14;
+const REPORT_MIN_LINES = 3;
+const REPORT_MAX_LINES = 10;
+const REPORT_PADDING_PX = 8;
+
+function reportMinHeight(text) {
+  const count = String(text ?? "").split("\n").length;
+  const lines = Math.min(Math.max(count, REPORT_MIN_LINES), REPORT_MAX_LINES);
+  return lines * REPORT_LINE_PX + REPORT_PADDING_PX;
+}
 
 function showText(node, text) {
   let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
@@ -21,7 +35,11 @@ function showText(node, text) {
     widget.inputEl.style.opacity = 0.85;
     // Display only: never sent to Python, never part of the saved widget values.
     widget.serialize = false;
-    widget.options = { ...(widget.options ?? {}), serialize: false };
+    widget.options = {
+      ...(widget.options ?? {}),
+      serialize: false,
+      getMinHeight: () => reportMinHeight(widget.value),
+    };
   }
   widget.value = text;
   requestAnimationFrame(() => {
