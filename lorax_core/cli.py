@@ -560,12 +560,6 @@ def _write_text(path: Path, text: str, overwrite: bool) -> None:
     Path(fh.name).replace(path)
 
 
-# safetensors dtype names → torch dtype attribute names, for the meta tensors of a model's header.
-_TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-}  # fmt: skip
 # Tensors up to this many elements are read for real when ComfyUI detects a model: a few model
 # configs look at values, not shapes (SD2's v-prediction test takes the std of a 320-wide norm
 # bias; SDXL variants read scalar ``edm_vpred.sigma_*`` / ``v_pred`` markers). All such tensors
@@ -589,14 +583,14 @@ def _header_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     import torch
     from safetensors import safe_open
 
-    from .formats.io import read_header
+    from .formats.io import SAFETENSORS_DTYPES, read_header
 
     header, metadata = read_header(path)
     state: dict[str, torch.Tensor] = {}
     small: list[str] = []
     for name, entry in header.items():
         shape = tuple(int(d) for d in entry["shape"])  # type: ignore[union-attr]
-        dtype = getattr(torch, _TORCH_DTYPES[str(entry["dtype"])])  # read_header checked the name
+        dtype = SAFETENSORS_DTYPES[str(entry["dtype"])]  # read_header checked the name
         state[name] = torch.empty(shape, dtype=dtype, device="meta")
         if math.prod(shape) <= _DETECTION_VALUE_LIMIT:
             small.append(name)

@@ -37,17 +37,7 @@ from pathlib import Path
 import torch
 
 from .errors import FormatError
-from .formats.io import read_header
-
-# safetensors dtype names → torch dtypes for weights (integer tensors are never base weights).
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+from .formats.io import SAFETENSORS_DTYPES, read_header
 
 __all__ = ["SafetensorsWeights", "file_fingerprint", "model_key_map", "open_model"]
 
@@ -168,8 +158,9 @@ class SafetensorsWeights:
     def get(self, key: str) -> torch.Tensor:
         name = self.file_key(key)
         entry = self._entries[name]
-        dtype = _TORCH_DTYPES.get(str(entry["dtype"]))
-        if dtype is None:
+        dtype = SAFETENSORS_DTYPES[str(entry["dtype"])]  # read_header admitted only known names
+        # Integer and bool tensors are never base weights (step counters, token ids...).
+        if not dtype.is_floating_point:
             raise FormatError(
                 f"{self.path}: tensor {name!r} has dtype {entry['dtype']!r}, which is not a weight dtype "
                 "(expected F16, BF16, F32, F64 or F8); check that the file is a model."

@@ -40,6 +40,7 @@ __all__ = [
     "TransferReport",
     "TransferResult",
     "WeightSource",
+    "json_default",
 ]
 
 Method = Literal["auto", "lorax", "prolora", "exact", "project", "copy"]
@@ -305,7 +306,7 @@ class TransferReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+        return json.dumps(self.to_dict(), indent=indent, default=json_default)
 
     def summary(self, max_rows: int = 12) -> str:
         """A short human-readable text: totals, skip reasons, and the least similar transferred layers."""
@@ -333,7 +334,8 @@ class TransferReport:
         return "\n".join(lines)
 
 
-def _json_default(value: object) -> object:
+def json_default(value: object) -> object:
+    """``json.dumps(default=...)`` for reports: tuples (shapes) as lists, tensors as nested lists."""
     if isinstance(value, tuple):
         return list(value)
     if isinstance(value, torch.Tensor):

@@ -29,7 +29,7 @@ import torch
 from lorax_core.errors import NothingTransferableError
 from lorax_core.linalg import top_subspace
 from lorax_core.transfer import lorax_to_lora, transfer_adapter
-from lorax_core.types import DictWeights, LoraFactors, LoraXFactors, TransferOptions, TransferResult
+from lorax_core.types import DictWeights, LoraFactors, LoraXFactors, TransferOptions, TransferResult, json_default
 
 from . import data, rules
 from .evaluate import Sampler, Scores, classifier_accuracy, feature_bandwidth, merge, score
@@ -358,7 +358,7 @@ def run(
         "seconds": seconds,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(document, indent=1, default=_json_default))
+    (out / "quality.json").write_text(json.dumps(document, indent=1, default=json_default))
     write_grids(out, grids)
     return document
 
@@ -386,11 +386,3 @@ def _cell(sampler: Sampler, target: ToyLDM, t_state: dict[str, torch.Tensor], re
         sampler(target, merge(t_state, result.layers)),
         info={"refused": False, "layers_transferred": totals["transferred"], "layers_skipped": totals["skipped"]},
     )
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
