@@ -1,0 +1,473 @@
+"""Data-free refinement of a transferred LoRA: distil the LoRA's effect onto the new base.
+
+Why: a training-free transfer maps the adapter's *weights*; a fine-tuned target computes
+something else with them, and no map of the weights can know what (QUALITY.md: on fine-tuned
+toy targets every training-free method ends where ``copy`` ends). The two models know: the
+source model with its LoRA shows what the LoRA *does*, the target shows what the new base
+does. Trans-LoRA (Wang et al., NeurIPS 2024, arXiv 2405.17258, METHOD.md §9.3) transfers LLM
+adapters by distilling the source model + adapter into a target adapter on synthetic data the
+models generate themselves. This module does the same for diffusion denoisers, with no
+training images: the inputs are the models' own generations, re-noised at random timesteps,
+with the user's prompts (plus a neutral prompt).
+
+Starting point: the transferred LoRA (``transfer_adapter``), whose factors are optimised in
+place. Objectives (the target ``y`` the student ``S = target + LoRA_t`` regresses to, MSE):
+
+* ``effect`` (a): ``y = T(x) + (L(x) − B(x))`` — the target's own prediction plus the LoRA's
+  *effect* on the source (``L`` = source + LoRA, ``B`` = source). Keeps the target's look.
+* ``output`` (b): ``y = L(x)`` — the source + LoRA's prediction itself. Matches the source's
+  outputs, which can erase the new model's character.
+
+Both reduce to regression onto a per-input target computed once, so a host can run the
+teacher models one at a time (:func:`predict`) and never needs two UNets in memory at once.
+
+Host contract (all host-specific parts are callables; this module imports no host):
+
+* a :class:`Denoiser` ``f(x, t, cond) -> prediction`` with ``x`` the noised latents
+  ``(B, C, …)``, ``t`` ``(B,)`` timesteps in the host's own units and ``cond`` ``(B,)`` int64
+  indices into the host's list of conditionings; it moves inputs to its own device and
+  returns ``(B, C, …)`` in any float dtype. The student denoiser must read the trainable
+  factors (``parameters``) in its forward pass (ComfyUI: weight wrappers; a toy model:
+  :class:`TrainableLora` with ``torch.func.functional_call``);
+* a :class:`Noiser` ``(x0, generator) -> (x_t, t)`` that draws timesteps and noise.
+
+Everything returned is float32 on the CPU; nothing here materialises a dense ``ΔW`` except
+inside a student's own forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+from .errors import LoraxError, OptionError, ShapeMismatchError
+from .types import LoraFactors
+
+__all__ = [
+    "OBJECTIVES",
+    "Denoiser",
+    "Noiser",
+    "Objective",
+    "Probes",
+    "RefineOptions",
+    "RefineResult",
+    "TrainableLora",
+    "distillation_targets",
+    "factors_like",
+    "make_probes",
+    "predict",
+    "refine",
+]
+
+Objective = Literal["effect", "output"]
+OBJECTIVES: tuple[str, ...] = ("effect", "output")
+
+
+class Denoiser(Protocol):
+    """``f(x (B, C, …), t (B,), cond (B,) int64) -> (B, C, …)``: one model's prediction."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
+
+
+class Noiser(Protocol):
+    """``(x0 (B, C, …), generator) -> (x_t, t (B,))``: the host's forward diffusion at random timesteps."""
+
+    def __call__(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """Knobs of one refinement run (stored in the output's metadata).
+
+    Attributes:
+        objective: ``effect`` (a) or ``output`` (b); see the module docstring.
+        steps: optimiser steps (0 returns the starting LoRA with its held-out loss).
+        lr: Adam learning rate for the factors (warm-up, then cosine decay to 0).
+        batch: probes per step.
+        holdout: fraction of the probes kept out of training to measure the result.
+        seed: seeds the probe split and the batch order.
+        max_grad_norm: gradient clipping (the first steps on a fresh target can be large).
+    """
+
+    objective: Objective = "effect"
+    steps: int = 300
+    lr: float = 2e-3
+    batch: int = 8
+    holdout: float = 0.125
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise OptionError(f"refine objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}; "
+                              "use 'effect' (keeps the target's look).")  # fmt: skip
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise OptionError(f"refine steps must be an integer ≥ 0; got {self.steps!r}. Try 300.")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise OptionError(f"refine learning rate must be in (0, 1]; got {self.lr!r}. Try 0.002.")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise OptionError(f"refine batch must be a positive integer; got {self.batch!r}. Try 8.")
+        if not (0 < self.holdout < 1):
+            raise OptionError(f"refine holdout must be a fraction in (0, 1); got {self.holdout!r}. Try 0.125.")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise OptionError(f"refine max_grad_norm must be > 0; got {self.max_grad_norm!r}. Try 1.0.")
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Synthetic inputs: ``x`` ``(N, C, …)`` noised latents, ``t`` ``(N,)``, ``cond`` ``(N,)`` int64."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    cond: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def take(self, index: torch.Tensor) -> Probes:
+        return Probes(self.x[index], self.t[index], self.cond[index])
+
+
+def make_probes(
+    latents: torch.Tensor,
+    latent_conds: torch.Tensor,
+    noiser: Noiser,
+    count: int,
+    *,
+    null_cond: int | None = None,
+    null_fraction: float = 0.25,
+    seed: int = 0,
+) -> Probes:
+    """Draw ``count`` synthetic inputs from the models' own generations.
+
+    Each probe takes a generated latent at random, noises it with ``noiser`` at a random
+    timestep, and pairs it with the prompt it was generated from — or, with probability
+    ``null_fraction``, with the neutral prompt ``null_cond`` (so that the unconditional branch
+    of classifier-free guidance learns the LoRA's effect too).
+
+    Args:
+        latents: ``(L, C, …)`` clean latents (any float dtype/device; copied to float32 CPU).
+        latent_conds: ``(L,)`` int64: the conditioning index each latent was generated with.
+        noiser: the host's forward process.
+        count: number of probes N.
+        null_cond: index of the neutral prompt, or ``None`` to use only ``latent_conds``.
+        null_fraction: share of probes given ``null_cond``.
+        seed: seeds the choice of latents, conditionings, timesteps and noise.
+
+    Returns:
+        :class:`Probes` on the CPU, float32.
+
+    Raises:
+        OptionError: no latents, ``count < 1``, or mismatched lengths.
+    """
+    if latents.ndim < 2 or latents.shape[0] == 0:
+        raise OptionError(f"refine needs at least one generated latent; got a tensor of shape {tuple(latents.shape)}.")
+    if latent_conds.shape != (latents.shape[0],):
+        raise OptionError(f"refine: {latents.shape[0]} latents but {tuple(latent_conds.shape)} conditioning indices; "
+                          "give one index per latent.")  # fmt: skip
+    if count < 1:
+        raise OptionError(f"refine needs at least one probe; got count={count}.")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, latents.shape[0], (count,), generator=g)
+    x0 = latents.detach().to("cpu", torch.float32)[pick]
+    cond = latent_conds.to("cpu", torch.int64)[pick].clone()
+    if null_cond is not None and null_fraction > 0:
+        cond[torch.rand(count, generator=g) < null_fraction] = int(null_cond)
+    xt, t = noiser(x0, g)
+    return Probes(xt.detach().to("cpu", torch.float32), t.detach().cpu(), cond)
+
+
+@torch.no_grad()
+def predict(
+    denoiser: Denoiser, probes: Probes, batch: int = 8, *, check: Callable[[], None] | None = None
+) -> torch.Tensor:
+    """Run ``denoiser`` over every probe in chunks; returns ``(N, C, …)`` float32 on the CPU.
+
+    ``check()`` is called before each chunk (a host's Cancel raises from it).
+
+    Raises:
+        LoraxError: the model returned a non-finite value or a wrongly shaped output.
+    """
+    outputs = []
+    for start in range(0, len(probes), batch):
+        if check is not None:
+            check()
+        part = probes.take(torch.arange(start, min(start + batch, len(probes))))
+        out = denoiser(part.x, part.t, part.cond)
+        if out.shape != part.x.shape:
+            raise ShapeMismatchError(f"refine: the model returned shape {tuple(out.shape)} for inputs of shape "
+                                     f"{tuple(part.x.shape)}; the denoiser must return one prediction per input.")  # fmt: skip
+        out = out.detach().to("cpu", torch.float32)
+        if not torch.isfinite(out).all():
+            raise LoraxError("refine: a model returned NaN/Inf on the synthetic inputs; check the models "
+                             "(a broken checkpoint or an fp16 overflow: try a float32/bfloat16 model dtype).")  # fmt: skip
+        outputs.append(out)
+    return torch.cat(outputs)
+
+
+def distillation_targets(
+    objective: str,
+    teacher: torch.Tensor,
+    teacher_base: torch.Tensor | None = None,
+    target_base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The regression target ``y`` per probe (all ``(N, C, …)`` from :func:`predict`).
+
+    ``effect``: ``target_base + (teacher − teacher_base)``; ``output``: ``teacher``.
+
+    Raises:
+        OptionError: unknown objective, or ``effect`` without both base predictions.
+    """
+    RefineOptions(objective=objective)  # type: ignore[arg-type]  # validates the name
+    if objective == "output":
+        return teacher
+    if teacher_base is None or target_base is None:
+        raise OptionError("refine objective 'effect' needs the source model's and the target model's own "
+                          "predictions (without the LoRA); give both, or use objective 'output'.")  # fmt: skip
+    return target_base + (teacher - teacher_base)
+
+
+@dataclass
+class RefineResult:
+    """What a refinement did.
+
+    Attributes:
+        losses: training loss per step (MSE against the distillation target).
+        holdout_before / holdout_after: MSE on the held-out probes with the starting and the
+            final factors (``holdout_after`` is the kept result's).
+        kept: ``refined``, or ``start`` when the held-out loss did not improve and the
+            starting factors were restored.
+        baseline: held-out MSE of the bare target (no LoRA at all) when the host gave it: the
+            scale the two losses above are read against.
+        seconds: wall time of the optimisation.
+    """
+
+    options: RefineOptions
+    losses: list[float] = field(default_factory=list)
+    holdout_before: float = float("nan")
+    holdout_after: float = float("nan")
+    kept: Literal["refined", "start"] = "refined"
+    probes: int = 0
+    seconds: float = 0.0
+    baseline: float | None = None
+
+    def metadata(self) -> dict[str, str]:
+        """Provenance for the output file (``lorax.refine.*`` string values)."""
+        o = self.options
+        meta = {
+            "lorax.refined": "true",
+            "lorax.refine.method": "data-free distillation (Trans-LoRA, arXiv 2405.17258) on the models' own samples",
+            "lorax.refine.objective": o.objective,
+            "lorax.refine.steps": str(o.steps),
+            "lorax.refine.lr": f"{o.lr:g}",
+            "lorax.refine.batch": str(o.batch),
+            "lorax.refine.seed": str(o.seed),
+            "lorax.refine.probes": str(self.probes),
+            "lorax.refine.holdout_loss_before": f"{self.holdout_before:.6g}",
+            "lorax.refine.holdout_loss_after": f"{self.holdout_after:.6g}",
+            "lorax.refine.kept": self.kept,
+        }
+        if self.baseline is not None:
+            meta["lorax.refine.holdout_loss_no_lora"] = f"{self.baseline:.6g}"
+        return meta
+
+    def summary(self) -> str:
+        """A few lines for a report box."""
+        o = self.options
+        lines = [
+            f"Refined ({o.objective} matching): {len(self.losses)} steps, lr {o.lr:g}, batch {o.batch}, "
+            f"{self.probes} synthetic probes, {self.seconds:.1f} s.",
+            f"Held-out loss: {self.holdout_before:.4g} at the start → {self.holdout_after:.4g}"
+            + (f" (bare target without the LoRA: {self.baseline:.4g})" if self.baseline is not None else "") + ".",
+        ]  # fmt: skip
+        if self.kept == "start":
+            lines.append("The held-out loss did not improve, so the starting (transferred) LoRA was kept.")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "options": asdict(self.options)}
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    # Short linear warm-up (Adam's first moments are noisy), then cosine decay to 0 so the
+    # last steps average rather than jump: the same schedule the benchmark trains adapters with.
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _mse(student: Denoiser, probes: Probes, targets: torch.Tensor, batch: int) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(probes), batch):
+            idx = torch.arange(start, min(start + batch, len(probes)))
+            part = probes.take(idx)
+            out = student(part.x, part.t, part.cond).float()
+            total += float(((out - targets[idx].to(out.device)) ** 2).sum())
+            count += out.numel()
+    return total / max(1, count)
+
+
+def refine(
+    parameters: Sequence[torch.Tensor],
+    student: Denoiser,
+    probes: Probes,
+    targets: torch.Tensor,
+    options: RefineOptions,
+    *,
+    baseline: torch.Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    check: Callable[[], None] | None = None,
+) -> RefineResult:
+    """Optimise the LoRA factors ``parameters`` (in place) so that ``student(probes) ≈ targets``.
+
+    Args:
+        parameters: the trainable factor tensors the student reads (leaf tensors with
+            ``requires_grad``; float32 recommended — Adam's updates underflow in fp16).
+        student: the target model with the LoRA built from ``parameters``.
+        probes: from :func:`make_probes`.
+        targets: ``(N, C, …)`` from :func:`distillation_targets`.
+        options: see :class:`RefineOptions`.
+        baseline: the bare target's predictions ``(N, C, …)`` (optional): reported as the
+            held-out loss with no LoRA at all.
+        progress: ``progress(done, total)`` after each step.
+        check: called before each step; a host's Cancel raises from it (the factors are then
+            left as they were after the last finished step).
+
+    Returns:
+        :class:`RefineResult`. When the held-out loss at the end is not below the starting one,
+        the starting factors are restored (``kept='start'``): refining never makes the LoRA
+        worse on probes it did not train on.
+
+    Raises:
+        OptionError: no parameters, or probes/targets that do not belong together.
+        LoraxError: the loss became NaN/Inf (the starting factors are restored first).
+    """
+    params = list(parameters)
+    if not params:
+        raise OptionError("refine: the LoRA has no trainable factors (no layer was transferred); transfer it first.")
+    if any(not p.requires_grad or not p.is_leaf for p in params):
+        raise OptionError("refine: every factor must be a leaf tensor with requires_grad=True.")
+    if targets.shape != probes.x.shape:
+        raise ShapeMismatchError(f"refine: targets of shape {tuple(targets.shape)} do not match probes of shape "
+                                 f"{tuple(probes.x.shape)}; compute them with predict() on the same probes.")  # fmt: skip
+    n = len(probes)
+    n_hold = max(1, round(n * options.holdout))
+    if n - n_hold < 1:
+        raise OptionError(f"refine needs more probes than the held-out share: {n} probes, {n_hold} held out; "
+                          "use at least 8 probes.")  # fmt: skip
+    g = torch.Generator().manual_seed(options.seed)
+    order = torch.randperm(n, generator=g)
+    hold_idx, train_idx = order[:n_hold], order[n_hold:]
+    hold, hold_y = probes.take(hold_idx), targets[hold_idx]
+    train, train_y = probes.take(train_idx), targets[train_idx]
+
+    start_values = [p.detach().clone() for p in params]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, v in zip(params, start_values, strict=True):
+                p.copy_(v)
+
+    result = RefineResult(options=options, probes=n)
+    result.holdout_before = _mse(student, hold, hold_y, options.batch)
+    if baseline is not None:
+        result.baseline = float(((baseline[hold_idx] - hold_y) ** 2).mean())
+    opt = torch.optim.Adam(params, lr=options.lr)
+    started = time.perf_counter()
+    for step in range(options.steps):
+        if check is not None:
+            check()
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, options.steps, options.lr)
+        idx = torch.randint(0, len(train), (min(options.batch, len(train)),), generator=g)
+        part = train.take(idx)
+        out = student(part.x, part.t, part.cond).float()
+        loss = torch.nn.functional.mse_loss(out, train_y[idx].to(out.device))
+        if not torch.isfinite(loss):
+            restore()
+            raise LoraxError(f"refine: the loss became {float(loss.detach())} at step {step + 1}; the starting LoRA was "
+                             f"kept. Lower the learning rate (lr={options.lr:g}) or use a float32 model.")  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+        opt.step()
+        result.losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, options.steps)
+    result.seconds = round(time.perf_counter() - started, 3)
+    after = _mse(student, hold, hold_y, options.batch)
+    if not (after < result.holdout_before) or not all(bool(torch.isfinite(p).all()) for p in params):
+        restore()
+        result.kept = "start"
+        after = result.holdout_before
+    result.holdout_after = after
+    return result
+
+
+def factors_like(original: LoraFactors, up2d: torch.Tensor, down2d: torch.Tensor) -> LoraFactors:
+    """Refined 2-D factors back in ``original``'s layout, dtype and alpha.
+
+    Args:
+        original: the layer before refinement (conv layers keep ``(out, r, 1, 1)`` /
+            ``(r, in, kh, kw)``).
+        up2d: ``(out, r)``; down2d: ``(r, in·kh·kw)``; any float dtype/device.
+
+    Returns:
+        :class:`LoraFactors` on the CPU in ``original.up``'s dtype, same ``alpha``.
+
+    Raises:
+        LoraxError: a factor is non-finite, or does not fit in the original dtype (overflow).
+    """
+    dtype = original.up.dtype
+    up = up2d.detach().to("cpu", torch.float32)
+    down = down2d.detach().to("cpu", torch.float32)
+    if up.shape != original.up2d().shape or down.shape != original.down2d().shape:
+        raise ShapeMismatchError(f"refined factors {tuple(up.shape)}/{tuple(down.shape)} do not fit the layer's "
+                                 f"{tuple(original.up2d().shape)}/{tuple(original.down2d().shape)}.")  # fmt: skip
+    up, down = up.to(dtype), down.to(dtype)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise LoraxError(f"refined factors are not finite in {dtype} (overflow); lower the learning rate.")
+    return LoraFactors(up=up.reshape(original.up.shape), down=down.reshape(original.down.shape), alpha=original.alpha)
+
+
+class TrainableLora(nn.Module):
+    """Trainable float32 copies of LoRA factors, for hosts without their own adapter modules.
+
+    ``delta(key)`` is ``scale · up @ down`` reshaped to the weight's shape (dense: meant for a
+    student's forward pass, e.g. ``torch.func.functional_call(model, {key: W + delta})``).
+    ComfyUI hosts use ComfyUI's own training adapters instead (``comfy.weight_adapter``).
+
+    Args:
+        layers: ``{model key: LoraFactors}``; never modified.
+        device: where the parameters live.
+    """
+
+    def __init__(self, layers: Mapping[str, LoraFactors], device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.keys = list(layers)
+        self.originals = dict(layers)
+        self.ups = nn.ParameterList(
+            nn.Parameter(layers[k].up2d().detach().to(device, torch.float32).clone()) for k in self.keys
+        )
+        self.downs = nn.ParameterList(
+            nn.Parameter(layers[k].down2d().detach().to(device, torch.float32).clone()) for k in self.keys
+        )
+        self.scales = [layers[k].scale for k in self.keys]
+
+    def delta(self, index: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """``ΔW`` of layer ``index`` reshaped to ``shape`` (float32, differentiable)."""
+        return (self.ups[index] @ self.downs[index] * self.scales[index]).reshape(shape)
+
+    def export(self) -> dict[str, LoraFactors]:
+        """The current factors as :class:`LoraFactors` in each original layer's layout and dtype."""
+        return {
+            k: factors_like(self.originals[k], self.ups[i], self.downs[i]) for i, k in enumerate(self.keys)
+        }

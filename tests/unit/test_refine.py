@@ -1,0 +1,266 @@
+"""Data-free refinement (lorax_core.refine): the loop, its objectives, its safety nets, its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from lorax_core.errors import LoraxError, OptionError, ShapeMismatchError
+from lorax_core.refine import (
+    Probes,
+    RefineOptions,
+    TrainableLora,
+    distillation_targets,
+    factors_like,
+    make_probes,
+    predict,
+    refine,
+)
+from lorax_core.types import LoraFactors
+
+
+class TinyDenoiser(torch.nn.Module):
+    """``f(x, t, cond) = W2 · gelu(W1 · x + e_cond + t/1000)``: two adaptable linear layers."""
+
+    def __init__(self, seed: int, dim: int = 12, hidden: int = 24, conds: int = 3) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = torch.nn.Linear(dim, hidden, bias=False)
+        self.l2 = torch.nn.Linear(hidden, dim, bias=False)
+        with torch.no_grad():
+            self.l1.weight.copy_(torch.randn(hidden, dim, generator=g) / dim**0.5)
+            self.l2.weight.copy_(torch.randn(dim, hidden, generator=g) / hidden**0.5)
+        self.register_buffer("emb", torch.randn(conds, hidden, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.l1(x) + self.emb[cond] + t[:, None].float() / 1000)
+        return self.l2(h)
+
+
+KEYS = ("l1.weight", "l2.weight")
+
+
+def _lora(model: TinyDenoiser, rank: int = 2, seed: int = 5) -> dict[str, LoraFactors]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in KEYS:
+        w = model.get_parameter(key)
+        out[key] = LoraFactors(up=torch.randn(w.shape[0], rank, generator=g) * 0.5,
+                               down=torch.randn(rank, w.shape[1], generator=g) * 0.5, alpha=float(rank))  # fmt: skip
+    return out
+
+
+def _with(model: TinyDenoiser, layers: dict[str, LoraFactors]):
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    for key, f in layers.items():
+        state[key] = state[key] + f.scale * f.up2d() @ f.down2d()
+
+    def f(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, state, (x, t, c))
+
+    return f
+
+
+def _student(model: TinyDenoiser, lora: TrainableLora):
+    base = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        state = dict(base)
+        for i, key in enumerate(lora.keys):
+            state[key] = base[key] + lora.delta(i, base[key].shape)
+        return functional_call(model, state, (x, t, c))
+
+    return f
+
+
+def _noiser(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    a = (1 - t.float() / 1000)[:, None]
+    return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g), t
+
+
+def _world(seed: int = 0, drift: float = 0.4):
+    source = TinyDenoiser(1)
+    target = TinyDenoiser(1)
+    g = torch.Generator().manual_seed(99 + seed)
+    with torch.no_grad():
+        for key in KEYS:
+            w = target.get_parameter(key)
+            w.add_(drift * torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+    lora = _lora(source)
+    latents = torch.randn(16, 12, generator=g)
+    probes = make_probes(latents, torch.arange(16) % 2, _noiser, 96, null_cond=2, seed=seed)
+    return source, target, lora, probes
+
+
+@pytest.mark.parametrize("objective", ["effect", "output"])
+def test_refine_reduces_training_and_heldout_loss(objective: str) -> None:
+    torch.manual_seed(0)
+    source, target, lora, probes = _world()
+    teacher = predict(_with(source, lora), probes)
+    targets = distillation_targets(objective, teacher, predict(_with(source, {}), probes), predict(_with(target, {}), probes))
+    trainable = TrainableLora(lora)
+    result = refine(list(trainable.parameters()), _student(target, trainable), probes, targets,
+                    RefineOptions(objective=objective, steps=150, lr=1e-2, batch=16))  # fmt: skip
+    assert len(result.losses) == 150
+    assert sum(result.losses[-10:]) / 10 < 0.5 * sum(result.losses[:10]) / 10
+    assert result.kept == "refined"
+    assert result.holdout_after < 0.5 * result.holdout_before
+    refined = trainable.export()
+    assert set(refined) == set(lora)
+    for key in KEYS:
+        assert refined[key].up.shape == lora[key].up.shape and refined[key].alpha == lora[key].alpha
+        assert not torch.equal(refined[key].up, lora[key].up)
+
+
+def test_effect_objective_is_zero_when_target_equals_source() -> None:
+    source, _, lora, probes = _world()
+    base = predict(_with(source, {}), probes)
+    targets = distillation_targets("effect", predict(_with(source, lora), probes), base, base)
+    trainable = TrainableLora(lora)
+    result = refine(list(trainable.parameters()), _student(source, trainable), probes, targets,
+                    RefineOptions(steps=5, lr=1e-3), baseline=base)  # fmt: skip
+    assert result.holdout_before < 1e-10
+    assert result.baseline is not None and result.baseline > 1e-3
+    # nothing to improve: the starting LoRA is kept exactly
+    assert result.kept == "start"
+    assert torch.equal(trainable.export()["l1.weight"].up, lora["l1.weight"].up)
+
+
+def test_refine_keeps_start_when_heldout_gets_worse() -> None:
+    source, target, lora, probes = _world()
+    targets = predict(_with(source, lora), probes)
+    trainable = TrainableLora(lora)
+    before = [p.detach().clone() for p in trainable.parameters()]
+    # a learning rate this large overshoots; the held-out check must restore the start
+    result = refine(list(trainable.parameters()), _student(target, trainable), probes, targets,
+                    RefineOptions(objective="output", steps=3, lr=1.0, batch=4, max_grad_norm=1e6))  # fmt: skip
+    if result.kept == "start":
+        for p, b in zip(trainable.parameters(), before, strict=True):
+            assert torch.equal(p, b)
+        assert result.holdout_after == result.holdout_before
+    else:
+        assert result.holdout_after < result.holdout_before
+
+
+def test_non_finite_loss_restores_start_and_says_what_to_do() -> None:
+    source, target, lora, probes = _world()
+    targets = predict(_with(source, lora), probes)
+    trainable = TrainableLora(lora)
+    before = [p.detach().clone() for p in trainable.parameters()]
+    calls = {"n": 0}
+    inner = _student(target, trainable)
+
+    def student(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        out = inner(x, t, c)
+        return out * float("nan") if calls["n"] > 15 else out
+
+    with pytest.raises(LoraxError, match=r"refine: the loss became nan at step \d+; the starting LoRA was kept"):
+        refine(list(trainable.parameters()), student, probes, targets, RefineOptions(objective="output", steps=20))
+    for p, b in zip(trainable.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
+def test_check_stops_the_loop() -> None:
+    source, target, lora, probes = _world()
+    targets = predict(_with(source, lora), probes)
+    trainable = TrainableLora(lora)
+    seen: list[int] = []
+
+    class StopError(Exception):
+        pass
+
+    def check() -> None:
+        if len(seen) >= 4:
+            raise StopError
+
+    with pytest.raises(StopError):
+        refine(list(trainable.parameters()), _student(target, trainable), probes, targets,
+               RefineOptions(objective="output", steps=50), progress=lambda d, t: seen.append(d), check=check)  # fmt: skip
+    assert seen == [1, 2, 3, 4]
+
+
+def test_make_probes_pairs_latents_with_their_prompts_and_the_neutral_one() -> None:
+    latents = torch.randn(8, 12)
+    conds = torch.tensor([0, 1] * 4)
+    probes = make_probes(latents, conds, _noiser, 400, null_cond=7, null_fraction=0.25, seed=3)
+    assert probes.x.shape == (400, 12) and probes.t.shape == (400,) and probes.x.dtype == torch.float32
+    share = float((probes.cond == 7).float().mean())
+    assert 0.18 < share < 0.32
+    assert set(probes.cond.tolist()) == {0, 1, 7}
+    again = make_probes(latents, conds, _noiser, 400, null_cond=7, seed=3)
+    assert torch.equal(again.x, probes.x)
+    assert not (make_probes(latents, conds, _noiser, 40, seed=3).cond == 7).any()
+
+
+def test_factors_like_restores_conv_layout_dtype_and_alpha() -> None:
+    original = LoraFactors(up=torch.randn(6, 2, 1, 1, dtype=torch.float16), down=torch.randn(2, 3, 3, 3,
+                           dtype=torch.float16), alpha=1.0)  # fmt: skip
+    trainable = TrainableLora({"conv.weight": original})
+    exported = trainable.export()["conv.weight"]
+    assert exported.up.shape == (6, 2, 1, 1) and exported.down.shape == (2, 3, 3, 3)
+    assert exported.up.dtype == torch.float16 and exported.alpha == 1.0
+    assert torch.equal(exported.up, original.up) and torch.equal(exported.down, original.down)
+    with pytest.raises(LoraxError, match=r"refined factors are not finite in torch\.float16"):
+        factors_like(original, torch.full((6, 2), 1e6), torch.ones(2, 27))
+    with pytest.raises(ShapeMismatchError, match=r"refined factors \(6, 3\)/\(2, 27\) do not fit"):
+        factors_like(original, torch.ones(6, 3), torch.ones(2, 27))
+
+
+def test_result_metadata_and_summary() -> None:
+    source, target, lora, probes = _world()
+    targets = predict(_with(source, lora), probes)
+    trainable = TrainableLora(lora)
+    result = refine(list(trainable.parameters()), _student(target, trainable), probes, targets,
+                    RefineOptions(objective="output", steps=30, lr=1e-2, seed=4))  # fmt: skip
+    meta = result.metadata()
+    assert meta["lorax.refined"] == "true" and meta["lorax.refine.objective"] == "output"
+    assert meta["lorax.refine.steps"] == "30" and meta["lorax.refine.seed"] == "4"
+    assert meta["lorax.refine.probes"] == "96"
+    assert all(isinstance(v, str) for v in meta.values())
+    assert result.summary().startswith("Refined (output matching): 30 steps")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"objective": "both"}, "refine objective 'both' is not one of effect, output"),
+        ({"steps": -1}, "refine steps must be an integer ≥ 0; got -1"),
+        ({"lr": 0.0}, r"refine learning rate must be in \(0, 1\]; got 0.0"),
+        ({"lr": float("nan")}, r"refine learning rate must be in \(0, 1\]; got nan"),
+        ({"batch": 0}, "refine batch must be a positive integer; got 0"),
+        ({"holdout": 1.0}, r"refine holdout must be a fraction in \(0, 1\); got 1.0"),
+        ({"max_grad_norm": 0.0}, "refine max_grad_norm must be > 0"),
+    ],
+)
+def test_option_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        RefineOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_input_errors() -> None:
+    x = torch.randn(4, 12)
+    with pytest.raises(OptionError, match="refine needs at least one generated latent"):
+        make_probes(torch.empty(0, 12), torch.empty(0, dtype=torch.int64), _noiser, 4)
+    with pytest.raises(OptionError, match="refine: 4 latents but \\(3,\\) conditioning indices"):
+        make_probes(x, torch.zeros(3, dtype=torch.int64), _noiser, 4)
+    with pytest.raises(OptionError, match="refine needs at least one probe; got count=0"):
+        make_probes(x, torch.zeros(4, dtype=torch.int64), _noiser, 0)
+    with pytest.raises(OptionError, match="refine objective 'effect' needs the source model's and the target"):
+        distillation_targets("effect", x)
+    probes = Probes(x, torch.zeros(4), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ShapeMismatchError, match=r"refine: the model returned shape \(4, 3\)"):
+        predict(lambda a, t, c: a[:, :3], probes)
+    with pytest.raises(LoraxError, match="refine: a model returned NaN/Inf on the synthetic inputs"):
+        predict(lambda a, t, c: a * float("inf"), probes)
+    with pytest.raises(OptionError, match="refine: the LoRA has no trainable factors"):
+        refine([], lambda a, t, c: a, probes, x, RefineOptions())
+    with pytest.raises(OptionError, match="refine: every factor must be a leaf tensor with requires_grad=True"):
+        refine([torch.zeros(2)], lambda a, t, c: a, probes, x, RefineOptions())
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ShapeMismatchError, match=r"refine: targets of shape \(4, 2\) do not match probes"):
+        refine([p], lambda a, t, c: a, probes, x[:, :2], RefineOptions())
+    with pytest.raises(OptionError, match="refine needs more probes than the held-out share: 1 probes"):
+        refine([p], lambda a, t, c: a, probes.take(torch.arange(1)), x[:1], RefineOptions())
