@@ -94,7 +94,7 @@ def _world(seed: int = 0, drift: float = 0.4):
     return source, target, lora, probes
 
 
-@pytest.mark.parametrize("objective", ["effect", "output"])
+@pytest.mark.parametrize("objective", ["effect", "output", "blend"])
 def test_refine_reduces_training_and_heldout_loss(objective: str) -> None:
     torch.manual_seed(0)
     source, target, lora, probes = _world()
@@ -112,6 +112,18 @@ def test_refine_reduces_training_and_heldout_loss(objective: str) -> None:
     for key in KEYS:
         assert refined[key].up.shape == lora[key].up.shape and refined[key].alpha == lora[key].alpha
         assert not torch.equal(refined[key].up, lora[key].up)
+
+
+def test_blend_lies_between_effect_and_output() -> None:
+    teacher, teacher_base, target_base = torch.randn(3, 5, 4).unbind(0)
+    effect = distillation_targets("effect", teacher, teacher_base, target_base)
+    output = distillation_targets("output", teacher, teacher_base, target_base)
+    assert torch.allclose(distillation_targets("blend", teacher, teacher_base, target_base, 0.0), effect)
+    assert torch.allclose(distillation_targets("blend", teacher, teacher_base, target_base, 1.0), output)
+    assert torch.allclose(distillation_targets("blend", teacher, teacher_base, target_base, 0.25),
+                          0.75 * effect + 0.25 * output)  # fmt: skip
+    with pytest.raises(OptionError, match="refine objective 'blend' needs the source model's"):
+        distillation_targets("blend", teacher)
 
 
 def test_effect_objective_is_zero_when_target_equals_source() -> None:
@@ -226,7 +238,8 @@ def test_result_metadata_and_summary() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"objective": "both"}, "refine objective 'both' is not one of effect, output"),
+        ({"objective": "both"}, "refine objective 'both' is not one of effect, output, blend"),
+        ({"output_weight": 1.5}, r"refine output_weight must be in \[0, 1\]; got 1.5"),
         ({"steps": -1}, "refine steps must be an integer ≥ 0; got -1"),
         ({"lr": 0.0}, r"refine learning rate must be in \(0, 1\]; got 0.0"),
         ({"lr": float("nan")}, r"refine learning rate must be in \(0, 1\]; got nan"),
