@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,10 +30,10 @@ from .errors import (
 )
 from .formats import LoraFile, looks_like_lora, read_keys, read_lora, write_lora
 from .formats.family import guess_family
-from .formats.io import TOOL_VERSION, check_output_path
+from .formats.io import TOOL_VERSION, check_output_path, write_text
 from .formats.resolve import KeyMap, layer_name_for, resolve_layers
 from .modelio import SafetensorsWeights, open_model
-from .types import METHODS, AdapterLayer, LoraFactors, TransferOptions
+from .types import METHODS, AdapterLayer, LoraFactors, TransferOptions, check_device, json_safe
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 __all__ = ["build_parser", "main"]
 
 PROG = "lorax_core"
+#: Exit status when the reader of our output goes away (``… | head``): 128 + SIGPIPE, what a
+#: shell reports for a Unix tool stopped the same way.
+EXIT_BROKEN_PIPE = 141
 # Source metadata that describes the source file itself and would be wrong for the output.
 _STALE_METADATA = ("ss_network_dim", "ss_network_alpha", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
@@ -153,9 +156,8 @@ def _common(p: argparse.ArgumentParser, *, comfyui: bool, cache: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    """Run the command line; returns the exit status (0 ok, 2 bad input, 141 output pipe closed)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "transfer": _cmd_transfer,
         "similarity": _cmd_similarity,
@@ -163,11 +165,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": _cmd_cache,
     }
     try:
-        return commands[args.command](args)
-    except LoraxError as exc:
-        message = " ".join(str(exc).split())
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+        try:
+            status = commands[args.command](args)
+        except LoraxError as exc:
+            message = " ".join(str(exc).split())
+            print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+            status = 2
+        # Flush here, not at interpreter exit, so that a closed pipe is caught below.
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device: the reader is gone, and the final flush must not fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured output in tests)
+        pass
 
 
 # ---------------------------------------------------------------- transfer
@@ -176,9 +195,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_transfer(args: argparse.Namespace) -> int:
     from .transfer import transfer_adapter
 
+    check_device(args.device, option="--device")
     check_output_path(args.out, overwrite=args.overwrite)
     if args.report is not None:
         _check_text_output(args.report, args.overwrite)
+        if _same_file(args.report, args.out):
+            raise OptionError(
+                f"--report {args.report} is the same file as --out; give the JSON report its own name, "
+                f"e.g. {Path(args.out).with_suffix('.report.json')}."
+            )
+    for out_option, out_path in (("--out", args.out), ("--report", args.report)):
+        for in_option in ("--source", "--target", "--lora"):
+            if out_path is not None and _same_file(out_path, getattr(args, in_option[2:])):
+                raise OptionError(
+                    f"{out_option} {out_path} is the {in_option} file; writing it would destroy an input. "
+                    "Choose another output name."
+                )
     options = TransferOptions(
         method=args.method,
         rank=args.rank,
@@ -206,15 +238,15 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         )
     out_layers = output_layers(result.layers, names, lora, args.style)
     metadata = output_metadata(lora, source, target, args, result.report.totals())
+    # The LoRA and its report are written together: both or neither.
     write_lora(
         args.out,
         out_layers,
         style="comfy" if args.style == "comfy" else lora,
         metadata=metadata,
         overwrite=args.overwrite,
+        extra_files={args.report: result.report.to_json()} if args.report is not None else None,
     )
-    if args.report is not None:
-        _write_text(args.report, result.report.to_json(), args.overwrite)
     print(result.report.summary())
     print(f"wrote {args.out}" + (f" and {args.report}" if args.report is not None else ""))
     return 0
@@ -267,6 +299,12 @@ def prepare_layers(
 
 
 def _shape_problem(layer: AdapterLayer, weight_shape: tuple[int, ...]) -> str:
+    if len(weight_shape) not in (2, 4):
+        dims = "×".join(str(d) for d in weight_shape) or "a scalar"
+        return (
+            f"the source weight is {len(weight_shape)}-D ({dims}); only linear (out, in) and conv "
+            "(out, in, kh, kw) weights can carry a LoRA"
+        )
     out_dim = int(weight_shape[0]) if weight_shape else 0
     in_dim = math.prod(int(d) for d in weight_shape[1:]) if len(weight_shape) > 1 else 0
     if isinstance(layer, LoraFactors):
@@ -340,6 +378,7 @@ def output_metadata(
 def _cmd_similarity(args: argparse.Namespace) -> int:
     from .similarity import compute_similarity
 
+    check_device(args.device, option="--device")
     if args.json_out is not None:
         _check_text_output(args.json_out, args.overwrite)
     source, target = open_model(args.source), open_model(args.target)
@@ -381,7 +420,8 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
         )
     print(f"{sum(e.passed for e in table.entries)} of {len(table.entries)} layers pass.")
     if args.json_out is not None:
-        _write_text(args.json_out, json.dumps(table.to_dict(), indent=2), args.overwrite)
+        write_text(args.json_out, json.dumps(json_safe(table.to_dict()), indent=2, allow_nan=False),
+                   overwrite=args.overwrite)  # fmt: skip
     return 0
 
 
@@ -545,19 +585,16 @@ def _reason_counts(reasons: object) -> str:
 
 
 def _check_text_output(path: Path, overwrite: bool) -> None:
-    if not path.parent.is_dir():
-        raise FormatError(f"{path}: the folder {path.parent} does not exist; create it first.")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: the file already exists; choose another name or pass --overwrite.")
+    """Check a text output (report, JSON table) before any work, as ``--out`` is checked."""
+    try:
+        check_output_path(path, overwrite=overwrite, suffix=None)
+    except OutputExistsError:
+        raise OutputExistsError(f"{path}: the file already exists; choose another name or pass --overwrite.") from None
 
 
-def _write_text(path: Path, text: str, overwrite: bool) -> None:
-    """Write a text file atomically (temporary file in the same folder, then rename)."""
-    _check_text_output(path, overwrite)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False, encoding="utf-8") as fh:  # fmt: skip
-        fh.write(text)
-    Path(fh.name).replace(path)
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two output paths name one file (after ``..``, symbolic links and case folding)."""
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
 # Tensors up to this many elements are read for real when ComfyUI detects a model: a few model

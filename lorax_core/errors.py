@@ -14,8 +14,10 @@ __all__ = [
     "IncompatibleBaseError",
     "LayerSkippedError",
     "LoraxError",
+    "NonFiniteError",
     "NothingTransferableError",
     "OptionError",
+    "OutputError",
     "OutputExistsError",
     "RankError",
     "ShapeMismatchError",
@@ -48,6 +50,15 @@ class UnsafeFileError(FormatError):
     """A file would need unpickling to read (``.ckpt``/``.pt``/``.bin``); refused by default."""
 
 
+class NonFiniteError(LoraxError, ValueError):
+    """A tensor holds NaN or ±Inf, or the maths on it overflowed (the message names the tensor).
+
+    Raised for base weights (a LoRA layer that holds such values is reported as skipped
+    instead) and as the last check before a file is written, so no NaN/Inf ever reaches an
+    output.
+    """
+
+
 class IncompatibleBaseError(LoraxError):
     """The LoRA does not belong to the given source model (wrong base family, missing keys)."""
 
@@ -62,6 +73,15 @@ class LayerSkippedError(LoraxError):
 
 class OutputExistsError(LoraxError):
     """The output file already exists and overwriting was not asked for."""
+
+
+class OutputError(FormatError):
+    """An output file cannot be written: a folder or too long a name in its place, a missing or
+    read-only folder, a full disk. Nothing is left behind when this is raised.
+
+    A :class:`FormatError` subclass because bad output paths raised ``FormatError`` before this
+    class existed.
+    """
 
 
 class CacheError(LoraxError):

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .errors import OptionError, RankError, ShapeMismatchError
+from .errors import NonFiniteError, OptionError, RankError, ShapeMismatchError
 
 __all__ = [
     "SUBSPACE_VERSION",
@@ -171,6 +171,7 @@ def top_subspace(
         RankError: ``rank < 1``.
         OptionError: unknown ``method``.
         ShapeMismatchError: ``weight`` is not 2-D or 4-D.
+        NonFiniteError: ``weight`` holds NaN or Inf, or its decomposition overflowed.
     """
     if not isinstance(rank, int) or rank < 1:
         raise RankError(f"subspace rank must be a positive integer (the paper uses 320); got {rank!r}.")
@@ -183,18 +184,41 @@ def top_subspace(
     # bf16 have far too few mantissa bits for the small singular values).
     W = W.to(torch.float32)
     m, n = W.shape
+    # A NaN would pass through every product and come out as a meaningless basis (and a
+    # similarity of min(1.0, nan) = 1.0); values beyond float32's range arrive here as Inf.
+    finite = torch.isfinite(W)
+    if not bool(finite.all()):
+        raise NonFiniteError(
+            f"base weight of shape {tuple(weight.shape)} holds {int((~finite).sum())} NaN or Inf values "
+            "(or values beyond float32's range); its subspace is undefined. The model file is damaged."
+        )
     R = min(rank, m, n)
-    if method == "gram":
-        U, S, V = _gram_eigh(W, R)
-    elif method == "svd":
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        U, S, V = U[:, :R], S[:R], Vh[:R].T
-    else:
-        q = min(R + 10, m, n)
-        U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
-        U, S, V = U[:, :R], S[:R], V[:, :R]
+    try:
+        if method == "gram":
+            U, S, V = _gram_eigh(W, R)
+        elif method == "svd":
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            U, S, V = U[:, :R], S[:R], Vh[:R].T
+        else:
+            q = min(R + 10, m, n)
+            U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
+            U, S, V = U[:, :R], S[:R], V[:, :R]
+    except torch.linalg.LinAlgError as exc:
+        raise _overflow("decomposing a base weight", W, exc) from None
+    if not all(bool(torch.isfinite(t).all()) for t in (U, S, V)):
+        raise _overflow("decomposing a base weight", W)
     U, V = _fix_signs(U.to(torch.float32), V.to(torch.float32))
     return Subspace(U=U.contiguous(), S=S.to(torch.float32).contiguous(), V=V.contiguous())
+
+
+def _overflow(what: str, *tensors: torch.Tensor | Exception) -> NonFiniteError:
+    """The error for maths that overflowed on finite but implausibly large inputs."""
+    sizes = [f"{float(t.abs().max()):.3g}" for t in tensors if isinstance(t, torch.Tensor) and t.numel()]
+    cause = next((f" ({t})" for t in tensors if isinstance(t, Exception)), "")
+    return NonFiniteError(
+        f"{what} overflowed float32 (largest |value| {', '.join(sizes) or 'n/a'}){cause}; such values are not "
+        "plausible weights or factors. Check the file."
+    )
 
 
 def factored_norm(up2d: torch.Tensor, down2d: torch.Tensor, scale: float = 1.0) -> float:
@@ -241,6 +265,7 @@ def recompress(
 
     Raises:
         RankError: ``rank < 1``.
+        NonFiniteError: a factor holds NaN or Inf, or the decomposition overflowed.
     """
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise RankError(f"output rank must be a positive integer or None; got {rank!r}.")
@@ -249,9 +274,16 @@ def recompress(
     m, n = B.shape[0], A.shape[1]
     if B.shape[1] == 0:
         return B.new_zeros(m, 0), A.new_zeros(0, n), 1.0
-    Qu, Ru = torch.linalg.qr(B)
-    Qd, Rd = torch.linalg.qr(A.T)
-    P, s, Qh = torch.linalg.svd(Ru @ Rd.T)
+    if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+        raise _overflow("scaling a layer's factors", up2d, down2d)
+    try:
+        Qu, Ru = torch.linalg.qr(B)
+        Qd, Rd = torch.linalg.qr(A.T)
+        P, s, Qh = torch.linalg.svd(Ru @ Rd.T)
+    except torch.linalg.LinAlgError as exc:
+        raise _overflow("re-compressing a layer's factors", B, A, exc) from None
+    if not bool(torch.isfinite(s).all()):
+        raise _overflow("re-compressing a layer's factors", B, A)
     total = float((s.double() ** 2).sum())
     if total == 0.0 or float(s[0]) <= atol:
         return B.new_zeros(m, 0), A.new_zeros(0, n), 1.0

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError
+from .errors import FormatError, NonFiniteError
 from .formats.io import SAFETENSORS_DTYPES, read_header
 
 __all__ = ["SafetensorsWeights", "file_fingerprint", "model_key_map", "open_model"]
@@ -89,18 +89,21 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     """
     p = Path(path)
     read_header(p)
-    size = p.stat().st_size
     h = hashlib.sha256()
-    with p.open("rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        h.update(fh.read(n))
-        data_start, data_len = 8 + n, size - 8 - n
-        h.update(str(data_len).encode())
-        if data_len > 0:
-            step = max(1, data_len // _FINGERPRINT_SAMPLES)
-            for offset in range(0, data_len, step)[:_FINGERPRINT_SAMPLES]:
-                fh.seek(data_start + offset)
-                h.update(fh.read(_FINGERPRINT_SAMPLE_BYTES))
+    try:
+        size = p.stat().st_size
+        with p.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(n))
+            data_start, data_len = 8 + n, size - 8 - n
+            h.update(str(data_len).encode())
+            if data_len > 0:
+                step = max(1, data_len // _FINGERPRINT_SAMPLES)
+                for offset in range(0, data_len, step)[:_FINGERPRINT_SAMPLES]:
+                    fh.seek(data_start + offset)
+                    h.update(fh.read(_FINGERPRINT_SAMPLE_BYTES))
+    except OSError as exc:
+        raise FormatError(f"{p}: cannot read the file ({exc.strerror or exc}); check its permissions.") from None
     return h.hexdigest()[:16]
 
 
@@ -115,6 +118,7 @@ class SafetensorsWeights:
 
     Raises:
         FormatError: missing, corrupt or truncated file; UnsafeFileError for pickles.
+        NonFiniteError: from :meth:`get`, for a weight that holds NaN or Inf.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -124,8 +128,11 @@ class SafetensorsWeights:
         self._files = model_key_map(list(header))
         self._entries = header
         # Tensor data starts after the 8-byte length prefix and the JSON header.
-        with self.path.open("rb") as fh:
-            self._data_start = 8 + int.from_bytes(fh.read(8), "little")
+        try:
+            with self.path.open("rb") as fh:
+                self._data_start = 8 + int.from_bytes(fh.read(8), "little")
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot read the file ({exc.strerror or exc}); check its permissions.") from None
         self._fingerprint: str | None = None
 
     @property
@@ -185,7 +192,17 @@ class SafetensorsWeights:
         shape = self._shapes[name]
         if not buffer:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        # Checked where the data enters: a NaN would otherwise flow into the SVD and come out as
+        # a meaningless similarity (min(1.0, nan) reads 1.0) or a LinAlgError.
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise NonFiniteError(
+                f"{self.path}: weight {name!r} holds {bad} NaN or Inf values of {tensor.numel()}; the model file is "
+                "damaged (or was saved after a diverged fine-tune). Re-download it, or use another model."
+            )
+        return tensor
 
     def close(self) -> None:
         """Nothing to release: every :meth:`get` opens, reads and closes the file."""

@@ -18,6 +18,9 @@ Methods for a standard LoRA (``ΔW = scale · up @ down``; the scale is folded i
   factor as ``M ΔW M'ᵀ`` with ``M = P_t P_s + Q_t Q_s`` (and ``M'`` alike), so the result has
   rank ≤ r (not 4r) and equals ΔW exactly when target = source; it is continuous in the
   target weight.
+* ``align``   – for a target with one side in another basis (hidden units permuted or
+  rotated): ``O ΔW`` or ``ΔW O'ᵀ`` with the orthogonal map estimated by Procrustes from the
+  side that did not move (:mod:`lorax_core.align`); rank r, ΔW unchanged when target = source.
 
 A LoRA-X layer (``ΔW = U_s core V_sᵀ``) moves by Eq. 3 of LoRA-X (arXiv 2501.16559):
 ``ΔW_t = U_t (U_tᵀ U_s core V_sᵀ V_t) V_tᵀ`` with truncated top-R target bases.
@@ -25,6 +28,7 @@ A LoRA-X layer (``ΔW = U_s core V_sᵀ``) moves by Eq. 3 of LoRA-X (arXiv 2501.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -32,8 +36,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .align import AlignmentTest, align_lora, align_rank, alignment_test
 from .errors import (
     LayerSkippedError,
+    NonFiniteError,
     NothingTransferableError,
     OptionError,
     RankError,
@@ -74,7 +80,7 @@ __all__ = [
 ]
 
 #: Methods that apply to a standard LoRA layer.
-LORA_METHODS: tuple[str, ...] = ("prolora", "exact", "project", "copy")
+LORA_METHODS: tuple[str, ...] = ("prolora", "exact", "project", "copy", "align")
 
 # Skip reasons are short, fixed phrases so that the report can count layers per reason; the
 # numbers behind each verdict are in the LayerReport's other fields.
@@ -85,6 +91,9 @@ SKIP_LORAX_RANK = "the LoRA-X core rank exceeds the layer's smaller dimension (a
 SKIP_ZERO = "zero update (the LoRA does nothing in this layer)"
 SKIP_PROJECTED_ZERO = "the transferred update is zero (the LoRA lies outside the target layer's subspaces)"
 SKIP_BELOW = "similarity below threshold (unrelated subspaces); set force to transfer anyway"
+SKIP_WEIGHT_NDIM = "the base weight is neither linear (out, in) nor conv (out, in, kh, kw); no LoRA can patch it"
+SKIP_NONFINITE_WEIGHT = "a base weight holds NaN, Inf or out-of-range values (the model file is damaged)"
+SKIP_OVERFLOW = "the LoRA's values overflow float32 in this layer (implausibly large factors or alpha)"
 
 
 def _P(U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -113,11 +122,13 @@ def transfer_lora_layer(f: LoraFactors, src: Subspace, tgt: Subspace, method: st
         f: the layer, ``ΔW = f.scale · up @ down`` (linear or conv shapes, any dtype/device).
         src, tgt: top-R subspaces of the source and target base weights (same flattened shape);
             all their R columns are used (truncate them first for a smaller R).
-        method: ``prolora``, ``exact``, ``project`` or ``copy`` (see the module docstring).
+        method: ``prolora``, ``exact``, ``project``, ``copy`` or ``align`` (see the module
+            docstring; ``align`` (:mod:`lorax_core.align`) picks the side to align with the
+            default threshold c = 0.5; pass subspaces at ``align.align_rank`` for an exact map).
 
     Returns:
         2-D float32 factors on ``src``'s device with ``alpha=None`` (scale folded into ``up``):
-        rank r for ``copy``/``project``/``exact``, 2r for ``prolora`` (not yet re-compressed).
+        rank r for ``copy``/``project``/``exact``/``align``, 2r for ``prolora`` (not yet re-compressed).
 
     Raises:
         OptionError: ``method`` is not a standard-LoRA method.
@@ -129,6 +140,8 @@ def transfer_lora_layer(f: LoraFactors, src: Subspace, tgt: Subspace, method: st
             "('lorax' is for LoRA-X adapters)."
         )
     _check_pair(src, tgt, f.out_features, f.in_features, "LoRA layer")
+    if method == "align":
+        return align_lora(f, alignment_test(src, tgt, similarity_rank(src.rank, *src.shape)))
     device = src.U.device
     up = f.up2d().to(device=device, dtype=torch.float32) * f.scale
     down = f.down2d().to(device=device, dtype=torch.float32)
@@ -235,6 +248,11 @@ def choose_method(layer: AdapterLayer, requested: str, *, conv: bool = False) ->
     A standard method requested for a LoRA-X layer applies to its factors on the source base
     (``lorax_to_lora``).
 
+    ``auto`` never returns ``align`` here: it switches to ``align`` per layer in
+    ``transfer_adapter``, only where the similarity gate would skip the layer and
+    :func:`lorax_core.align.alignment_test` finds one side re-parameterised (so every layer the
+    gate passes keeps the method above).
+
     Args:
         layer: the adapter layer.
         requested: ``TransferOptions.method``.
@@ -289,9 +307,14 @@ def _layer_dtype(layer: AdapterLayer) -> torch.dtype:
 def _restore_layout(
     up2d: torch.Tensor, down2d: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
 ) -> LoraFactors:
-    """CPU factors in the LoRA's dtype; conv layers as ``up (out, k, 1, 1)``, ``down (k, in, kh, kw)``."""
+    """CPU factors in the LoRA's dtype; conv layers as ``up (out, k, 1, 1)``, ``down (k, in, kh, kw)``.
+
+    Factors that would overflow the LoRA's dtype (large values in float16) stay float32.
+    """
     up = up2d.to(device="cpu", dtype=dtype)
     down = down2d.to(device="cpu", dtype=dtype)
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        up, down = up2d.to(device="cpu", dtype=torch.float32), down2d.to(device="cpu", dtype=torch.float32)
     if len(shape) == 4:
         up = up.reshape(up.shape[0], up.shape[1], 1, 1)
         down = down.reshape(down.shape[0], *shape[1:])
@@ -306,7 +329,7 @@ class _Skip(Exception):  # noqa: N818 - internal control flow, never escapes thi
 
 
 def _completeness_note(R: int, m: int, n: int, method: str) -> str:
-    if method == "copy":
+    if method in ("copy", "align"):
         return ""
     if R >= m and R >= n:
         return f"rank R={R} covers the whole {m}×{n} layer: the projection is the identity (a copy)"
@@ -406,6 +429,10 @@ def transfer_adapter(
             entry.reason = skip.reason
             record(entry, skip.detail)
             continue
+        except NonFiniteError as exc:  # the projections or re-compression overflowed
+            entry.reason = SKIP_OVERFLOW
+            record(entry, str(exc))
+            continue
         out[entry.target_key or key] = factors
         record(entry)
 
@@ -455,7 +482,14 @@ def _transfer_one(
         raise _Skip(SKIP_NO_SOURCE, f"source model key {key!r}")
     sshape = tuple(int(d) for d in source.shape(key))
     entry.source_shape = sshape
+    if len(sshape) not in (2, 4):
+        raise _Skip(SKIP_WEIGHT_NDIM, f"source weight {key!r} has shape {sshape}")
     entry.norm_source = _source_norm(layer)
+    # ‖ΔW‖ (float64) beyond float32's range: no loader can apply this update, even when the
+    # factors themselves are finite (copy would otherwise write them unchanged).
+    if not math.isfinite(entry.norm_source) or entry.norm_source > torch.finfo(torch.float32).max:
+        entry.norm_source = None
+        raise _Skip(SKIP_OVERFLOW, "‖ΔW‖ exceeds float32's range")
     if not _fits(layer, sshape):
         got = tuple(layer.shape) if isinstance(layer, LoraXFactors) else (layer.out_features, layer.in_features)
         raise _Skip(SKIP_SOURCE_SHAPE, f"factors {got} vs source weight {sshape}")
@@ -465,6 +499,8 @@ def _transfer_one(
     entry.target_key = tkey
     tshape = tuple(int(d) for d in target.shape(tkey))
     entry.target_shape = tshape
+    if len(tshape) not in (2, 4):
+        raise _Skip(SKIP_WEIGHT_NDIM, f"target weight {tkey!r} has shape {tshape}")
     m, n = _flat(sshape)
     if _flat(tshape) != (m, n):
         raise _Skip(SKIP_WIDTH, f"source {sshape} vs target {tshape}")
@@ -481,12 +517,29 @@ def _transfer_one(
     # copy asked for by name skips the similarity test (it is what loading the LoRA directly
     # does); every other method, and copy chosen by auto, is gated on it.
     if method != "copy" or isinstance(layer, LoraXFactors) or options.method == "auto":
-        src = provider.get(source, key, R)
-        tgt = provider.get(target, tkey, R)
+        try:
+            src = provider.get(source, key, R)
+            tgt = provider.get(target, tkey, R)
+        except NonFiniteError as exc:
+            raise _Skip(SKIP_NONFINITE_WEIGHT, str(exc)) from None
         sim = _similarity_for(key, tkey, src, tgt, R, m, n, options, similarity)
         entry.phi_left, entry.phi_right = sim.phi_left, sim.phi_right
         entry.chance, entry.similarity_rank, entry.threshold = sim.chance, sim.rank, sim.threshold
-        if not sim.passed:
+        # A layer the gate refuses may be the source layer with one side in another basis (hidden
+        # units permuted): auto aligns it instead of skipping it (lorax_core.align). Only layers
+        # auto would skip change; with force, auto keeps its forced method as before. Without one
+        # agreeing side there is no anchor, so unrelated layers cost no extra decomposition.
+        test: AlignmentTest | None = None
+        skipped_by_auto = options.method == "auto" and not sim.passed and not options.force
+        if method == "align" or (skipped_by_auto and _one_side_agrees(sim)):
+            k = sim.rank if sim.rank is not None else similarity_rank(R, m, n)
+            src_a = provider.get(source, key, align_rank(m, n))
+            tgt_a = provider.get(target, tkey, align_rank(m, n))
+            test = alignment_test(src_a, tgt_a, k, options.threshold)
+            if method != "align" and test.reparameterised:
+                method = entry.method = "align"
+                notes.append(f"auto: {test.describe()}; aligned by {test.side_map.describe()}")
+        if not sim.passed and not (method == "align" and test is not None and test.reparameterised):
             if not options.force:
                 raise _Skip(
                     SKIP_BELOW,
@@ -495,7 +548,10 @@ def _transfer_one(
             notes.append(f"forced: Φ={sim.phi:.3f} below threshold {sim.threshold:.3f}")
         if sim.rank is not None and sim.rank < R:
             notes.append(f"similarity decided at rank {sim.rank} (R={R} is not well below {min(m, n)})")
-        if isinstance(layer, LoraXFactors):
+        if method == "align" and test is not None:
+            lora = lorax_to_lora(layer, src) if isinstance(layer, LoraXFactors) else layer
+            flat = align_lora(lora, test)
+        elif isinstance(layer, LoraXFactors):
             flat = (
                 transfer_lorax_layer(layer, src, tgt)
                 if method == "lorax"
@@ -526,12 +582,24 @@ def _transfer_one(
     if up.shape[1] == 0:
         entry.norm_target = 0.0
         raise _Skip(SKIP_PROJECTED_ZERO, f"method {method}")
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        raise _Skip(SKIP_OVERFLOW, f"method {method} produced NaN or Inf factors")
     entry.status = "transferred"
     entry.energy_kept = energy
     entry.output_rank = int(up.shape[1])
     entry.norm_target = factored_norm(up, down)
+    restored = _restore_layout(up, down, tshape, _layer_dtype(layer))
+    if restored.up.dtype != _layer_dtype(layer):
+        notes.append(f"kept in float32: the update overflows {_layer_dtype(layer)}")
     entry.reason = "; ".join(notes)
-    return _restore_layout(up, down, tshape, _layer_dtype(layer))
+    return restored
+
+
+def _one_side_agrees(sim: LayerSimilarity) -> bool:
+    """Whether one side of a compared pair passes on its own: an anchor for ``align``."""
+    if sim.phi_left is None or sim.phi_right is None or sim.threshold is None:
+        return False
+    return max(sim.phi_left, sim.phi_right) >= sim.threshold
 
 
 def _similarity_for(
@@ -569,6 +637,9 @@ def _raise_nothing(report: TransferReport, options: TransferOptions) -> None:
         SKIP_SOURCE_SHAPE: "choose the base model the LoRA was trained on as the source",
         SKIP_NO_SOURCE: "choose the base model the LoRA was trained on as the source",
         SKIP_ZERO: "the LoRA is empty (all-zero); check the file",
+        SKIP_NONFINITE_WEIGHT: "re-download the source and target models (their weights hold NaN or Inf)",
+        SKIP_OVERFLOW: "check the LoRA file (its factors or alpha are implausibly large)",
+        SKIP_WEIGHT_NDIM: "choose base models whose weights are linear or conv layers",
     }
     fix = fixes.get(reason, f"check the source and target base models and the match option (now {options.match!r})")
     raise NothingTransferableError(

@@ -25,7 +25,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from .errors import OptionError, ShapeMismatchError
+from .errors import NonFiniteError, OptionError, ShapeMismatchError
 
 __all__ = [
     "METHODS",
@@ -40,11 +40,13 @@ __all__ = [
     "TransferReport",
     "TransferResult",
     "WeightSource",
+    "check_device",
     "json_default",
+    "json_safe",
 ]
 
-Method = Literal["auto", "lorax", "prolora", "exact", "project", "copy"]
-METHODS: tuple[str, ...] = ("auto", "lorax", "prolora", "exact", "project", "copy")
+Method = Literal["auto", "lorax", "prolora", "exact", "project", "copy", "align"]
+METHODS: tuple[str, ...] = ("auto", "lorax", "prolora", "exact", "project", "copy", "align")
 Status = Literal["transferred", "skipped"]
 
 
@@ -68,12 +70,21 @@ class LoraFactors:
                 f"LoRA factors must be 2-D (linear) or 4-D (conv); got up {tuple(self.up.shape)} and "
                 f"down {tuple(self.down.shape)}. Check that the file is a LoRA (lora_up/lora_down) file."
             )
+        if self.up.ndim == 4 and tuple(self.up.shape[2:]) != (1, 1):
+            # A conv LoRA's up is a 1×1 convolution (the kernel lives in down); anything else
+            # would silently be read as a different update by up2d().
+            raise ShapeMismatchError(
+                f"LoRA up of shape {tuple(self.up.shape)} is not (out, r) or (out, r, 1, 1); the kernel of a conv "
+                "LoRA belongs in down. The file is corrupt or in a layout this pack does not read."
+            )
         if self.up.shape[1] != self.down.shape[0]:
             raise ShapeMismatchError(
                 f"LoRA rank mismatch: up {tuple(self.up.shape)} has rank {self.up.shape[1]} but down "
                 f"{tuple(self.down.shape)} has rank {self.down.shape[0]}; the file is corrupt or its up/down "
                 "tensors are swapped."
             )
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise NonFiniteError(f"LoRA alpha is {self.alpha}; it must be a finite number. The file is corrupt.")
 
     @property
     def rank(self) -> int:
@@ -231,6 +242,7 @@ class TransferOptions:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.method not in METHODS:
             raise OptionError(f"method {self.method!r} is not one of {', '.join(METHODS)}.")
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -243,6 +255,46 @@ class TransferOptions:
             raise OptionError(f"output_rank must be a positive integer or None; got {self.output_rank!r}.")
         if self.match not in ("name", "similarity", "auto"):
             raise OptionError(f"match must be 'name', 'similarity' or 'auto'; got {self.match!r}.")
+
+
+def check_device(device: str | torch.device, *, option: str = "device") -> str:
+    """Check that ``device`` names a torch device this process can use, before any work starts.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` …
+        option: how the caller's users name the option in messages (the CLI passes ``--device``).
+
+    Returns:
+        ``device`` as a string.
+
+    Raises:
+        OptionError: not a device name, a device type this PyTorch build or machine lacks, or
+            an index beyond the devices present.
+    """
+    text = str(device)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError(f"{option} {text!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from None
+    if dev.type == "cpu":
+        return text
+    module = getattr(torch, dev.type, None)  # torch.cuda, torch.xpu …
+    if dev.type == "mps":
+        available = torch.backends.mps.is_available
+    else:
+        available = getattr(module, "is_available", None)
+    if available is None or not available():
+        raise OptionError(
+            f"{option} {text!r}: this machine's PyTorch ({torch.__version__}) cannot use a {dev.type} device; "
+            f"use cpu, or install a PyTorch build with {dev.type} support."
+        )
+    count = getattr(module, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise OptionError(
+            f"{option} {text!r}: there are only {count()} {dev.type} device(s), numbered from 0; "
+            f"use {dev.type}:0 … {dev.type}:{max(count() - 1, 0)}."
+        )
+    return text
 
 
 @dataclass
@@ -306,7 +358,8 @@ class TransferReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=json_default)
+        """The report as strict JSON: NaN and ±Inf (not JSON) are written as ``null``."""
+        return json.dumps(json_safe(self.to_dict()), indent=indent, default=json_default, allow_nan=False)
 
     def summary(self, max_rows: int = 12) -> str:
         """A short human-readable text: totals, skip reasons, and the least similar transferred layers."""
@@ -341,6 +394,24 @@ def json_default(value: object) -> object:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def json_safe(value: object) -> object:
+    """``value`` with tuples and tensors as lists and every non-finite float as ``None``.
+
+    ``json.dumps`` writes NaN and Infinity as bare tokens that are not JSON (strict parsers,
+    browsers and ``jq`` refuse them); reports and tables go through this first and are dumped
+    with ``allow_nan=False``.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    return value
 
 
 @dataclass

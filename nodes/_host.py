@@ -21,8 +21,7 @@ names) and ``text_encoders.<ComfyUI CLIP key>`` for text encoders, the namespace
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,10 @@ import torch
 from comfy.weight_adapter import LoRAAdapter
 
 from ..lorax_core.cache import DiskCache, MemoryCache, NullCache, SubspaceCache
-from ..lorax_core.errors import CacheError, FormatError, IncompatibleBaseError, OutputExistsError
+from ..lorax_core.errors import CacheError, FormatError, IncompatibleBaseError, OutputError, OutputExistsError
 from ..lorax_core.formats import LoraFile, parse_lora, read_lora, write_lora
 from ..lorax_core.formats.base import pair_tensors
+from ..lorax_core.formats.io import write_text
 from ..lorax_core.formats.keys import COMFY_STYLE, KOHYA_TEXT_ENCODERS, split_key
 from ..lorax_core.formats.resolve import layer_name_for, resolve_layers
 from ..lorax_core.modelio import SafetensorsWeights, open_model
@@ -479,9 +479,19 @@ def _misfits(patches: Mapping[Any, Any], patcher: Any) -> list[tuple[str, str, s
 
 
 def save_folder() -> Path:
-    """``<first loras folder>/lorax``, created if needed (the stock LoraLoader lists it after a refresh)."""
+    """``<first loras folder>/lorax``, created if needed (the stock LoraLoader lists it after a refresh).
+
+    Raises:
+        OutputError: the folder cannot be created (read-only disk, permissions, a file in its place).
+    """
     folder = Path(folder_paths.get_folder_paths("loras")[0]) / SAVE_SUBFOLDER
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"{folder}: cannot create the save folder ({exc.strerror or exc}); make ComfyUI's loras folder "
+            "writable, or point it elsewhere with extra_model_paths.yaml."
+        ) from None
     return folder
 
 
@@ -489,8 +499,14 @@ def save_lora(lora: Mapping[str, torch.Tensor], file_name: str) -> Path:
     """Write a ``LORA_MODEL`` under :func:`save_folder`, atomically, never overwriting.
 
     A :class:`TransferredLora` is written in its source LoRA's key style with its provenance
-    metadata; any other ``LORA_MODEL`` in ComfyUI-native style. An existing name gets a
-    counter suffix (``name_00001.safetensors``…) instead of being replaced.
+    metadata, together with its ``.report.json`` (both or neither, through the core's one
+    atomic writer); any other ``LORA_MODEL`` in ComfyUI-native style. An existing name (of
+    either file) gets a counter suffix (``name_00001.safetensors``…) instead of being replaced.
+
+    Raises:
+        OutputError: the write failed (disk full, read-only folder, name too long); nothing is
+            left in the folder.
+        NonFiniteError: the LoRA holds NaN or Inf; nothing is written.
     """
     if isinstance(lora, TransferredLora):
         layers = {lora.layer_names[k]: f for k, f in lora.factors.items()}
@@ -498,27 +514,29 @@ def save_lora(lora: Mapping[str, torch.Tensor], file_name: str) -> Path:
         metadata = dict(lora.metadata)
     else:
         parsed = parse_lora(dict(lora), source="the LORA_MODEL input")
+        if not parsed.layers:
+            reason, count = Counter(parsed.unsupported.values()).most_common(1)[0]
+            raise FormatError(
+                f"the LORA_MODEL input has no layer this pack can save ({count} of {len(parsed.unsupported)}: "
+                f"{reason}); nothing was written. Check the node that made it."
+            )
         layers, style, metadata = parsed.layers, parsed, {"lorax.origin": "LORA_MODEL input"}
     folder = save_folder()
     stem = file_name[: -len(".safetensors")] if file_name.endswith(".safetensors") else file_name
+    report_text = lora.report.to_json() if isinstance(lora, TransferredLora) else None
     for counter in range(100000):
         candidate = folder / (f"{stem}.safetensors" if counter == 0 else f"{stem}_{counter:05d}.safetensors")
+        report = {candidate.with_suffix(".report.json"): report_text} if report_text is not None else None
         try:
-            path = write_lora(candidate, layers, style=style, metadata=metadata)
+            return write_lora(candidate, layers, style=style, metadata=metadata, extra_files=report)
         except OutputExistsError:
             continue
-        if isinstance(lora, TransferredLora):
-            _write_text_atomic(path.with_suffix(".report.json"), lora.report.to_json())
-        return path
     raise OutputExistsError(f"{folder}: 100000 files named {stem}_*.safetensors exist; choose another file name.")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    Path(tmp).replace(path)
+    """Write ``text`` (replacing ``path``) through the core's atomic writer; see ``lorax_core.formats.io``."""
+    write_text(path, text, overwrite=True)
 
 
 def loras_relative_name(path: Path) -> str:

@@ -8,6 +8,10 @@ from . import _host
 from ._ui import CATEGORY, TIP_FILE_NAME, TIP_LORA, check_file_name, node_errors
 
 DISPLAY_NAME = "Save Transferred LoRA"
+# File names are limited to 255 bytes on common file systems (ext4, NTFS, APFS); a saved LoRA
+# may get a counter and writes a report next to it.
+_NAME_MAX = 255
+_LONGEST_SUFFIX = "_00000.safetensors"
 
 
 class LoraXSaveTransferredLoRA(io.ComfyNode):
@@ -35,6 +39,15 @@ class LoraXSaveTransferredLoRA(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, file_name: str) -> bool | str:
         checked = check_file_name(file_name)
+        if checked is True:
+            # The longest name the node may write: the stem, a counter and the suffix (the
+            # .report.json next to it is no longer).
+            longest = len(file_name.strip().removesuffix(".safetensors").encode()) + len(_LONGEST_SUFFIX)
+            if longest > _NAME_MAX:
+                return (
+                    f"{DISPLAY_NAME}: file_name is too long ({longest - len(_LONGEST_SUFFIX)} bytes; at most "
+                    f"{_NAME_MAX - len(_LONGEST_SUFFIX)} leave room for a counter and the suffix); shorten it."
+                )
         return checked if checked is True else f"{DISPLAY_NAME}: {checked}"
 
     @classmethod

@@ -154,8 +154,9 @@ def write_lora(
     style: LoraFile | str = "comfy",
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    extra_files: Mapping[str | os.PathLike[str], str] | None = None,
 ) -> Path:
-    """Write layers as a ``.safetensors`` LoRA, atomically.
+    """Write layers as a ``.safetensors`` LoRA, atomically, with optional text files alongside.
 
     Args:
         path: the output file (must end in ``.safetensors``; parent folder must exist).
@@ -166,13 +167,18 @@ def write_lora(
             does not know use its format's default), or ``"kohya"``, ``"comfy"``, ``"peft"``.
         metadata: string metadata; the tool name/version are added.
         overwrite: replace an existing file (otherwise :class:`OutputExistsError`).
+        extra_files: ``{path: text}`` written together with the LoRA — both or neither — e.g. its
+            JSON report (:func:`~lorax_core.formats.io.save_tensors`).
 
     Scale: LoRA layers are written with ``alpha = rank`` (or no alpha in PEFT style) and any
-    other ``alpha / rank`` folded into ``up``, so every loader computes the same ΔW.
+    other ``alpha / rank`` folded into ``up``, so every loader computes the same ΔW (when the
+    fold would overflow the factors' dtype, see :func:`~lorax_core.formats.base.pair_tensors`).
 
     Raises:
-        FormatError: unknown style name, a name collision, or a bad path.
-        OutputExistsError: the file exists and ``overwrite`` is false.
+        FormatError: unknown style name, a name collision, or a bad path
+            (:class:`~lorax_core.errors.OutputError`, also for a failed write).
+        OutputExistsError: an output exists and ``overwrite`` is false.
+        NonFiniteError: a layer holds NaN or Inf; nothing is written.
     """
     if isinstance(style, LoraFile):
         per_layer, default = style.styles, _STYLES.get(style.format, COMFY_STYLE)
@@ -202,4 +208,4 @@ def write_lora(
     meta.setdefault("lorax.tool_version", TOOL_VERSION)
     if has_lorax:
         meta.update(FORMAT_METADATA)
-    return save_tensors(path, tensors, meta, overwrite=overwrite)
+    return save_tensors(path, tensors, meta, overwrite=overwrite, extra_files=extra_files)

@@ -6,6 +6,7 @@ LoRA-X, how a layer is built; the arithmetic of ``up``/``down``/``alpha`` lives 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import LoraxError
+from ..errors import LoraxError, NonFiniteError
 from ..types import AdapterLayer, LoraFactors
 from .keys import ALPHA_SUFFIX, PAIR_STYLES, UNSUPPORTED_SUFFIXES, KeyStyle
 
@@ -87,6 +88,9 @@ def build_pair(layer: str, parts: LayerParts) -> tuple[LoraFactors, KeyStyle] | 
 
     ``alpha`` is kept exactly as read (a 0-d or 1-element tensor → float); no scale is applied.
     Conv layers keep their 4-D file shapes (``up (out, r, 1, 1)``, ``down (r, in, kh, kw)``).
+    A layer that cannot be used — wrong dimensions, rank 0, NaN or ±Inf in a factor or in
+    alpha — is returned as a reason (reported as a skipped layer), never raised: one damaged
+    layer does not stop the rest of the file.
     """
     reasons = sorted({UNSUPPORTED_SUFFIXES[s] for s in parts if s in UNSUPPORTED_SUFFIXES})
     if reasons:
@@ -107,10 +111,17 @@ def build_pair(layer: str, parts: LayerParts) -> tuple[LoraFactors, KeyStyle] | 
         if alpha_t.numel() != 1:
             return f"alpha must be a single number; got shape {tuple(alpha_t.shape)}"
         alpha = float(alpha_t.reshape(()).to(torch.float32))
+        if not math.isfinite(alpha):
+            return f"alpha is {alpha} (NaN or Inf: the file is damaged); not transferable"
     try:
         factors = LoraFactors(up=up, down=down, alpha=alpha)
     except LoraxError as exc:
         return str(exc)
+    if factors.rank == 0:
+        return "rank-0 LoRA layer (its factors have no columns: it changes nothing); not transferable"
+    for suffix, tensor in ((style.up, up), (style.down, down)):
+        if not bool(torch.isfinite(tensor).all()):
+            return f"NaN or Inf values in {suffix.lstrip('.')} (the file is damaged); not transferable"
     return factors, KeyStyle(style.down, style.up, alpha=alpha_t is not None)
 
 
@@ -120,11 +131,30 @@ def pair_tensors(name: str, factors: LoraFactors, style: KeyStyle) -> dict[str, 
     Every loader (kohya/A1111, ComfyUI, diffusers) computes ``scale = alpha / rank`` (1 without
     alpha), so writing ``alpha = rank`` — or no alpha — with any other scale folded into ``up``
     makes them all compute the same ΔW. The fold runs in float32 and returns the factor's dtype.
+
+    When the folded ``up`` does not fit that dtype (a large scale on float16 factors overflows
+    to Inf), the scale is kept in ``alpha`` instead (``up`` unchanged, ``alpha`` as read) for
+    styles that have an alpha; PEFT style has none, so that layer is written in float32.
+
+    Raises:
+        NonFiniteError: the folded update overflows even float32.
     """
-    up = factors.up
+    up, down = factors.up, factors.down
+    alpha = float(factors.rank)
     if factors.scale != 1.0:
-        up = (up.to(torch.float32) * factors.scale).to(factors.up.dtype)
-    out = {f"{name}{style.down}": factors.down, f"{name}{style.up}": up}
+        folded = up.to(torch.float32) * factors.scale
+        if not bool(torch.isfinite(folded).all()):
+            raise NonFiniteError(
+                f"layer {name!r}: alpha/rank = {factors.scale:g} times up overflows float32; the layer's alpha "
+                "is not plausible. Check the LoRA file."
+            )
+        up = folded.to(factors.up.dtype)
+        if not bool(torch.isfinite(up).all()):
+            if style.alpha:
+                up, alpha = factors.up, float(factors.alpha)  # type: ignore[arg-type]  # scale != 1 ⇒ alpha set
+            else:
+                up, down = folded, down.to(torch.float32)
+    out = {f"{name}{style.down}": down, f"{name}{style.up}": up}
     if style.alpha:
-        out[f"{name}{ALPHA_SUFFIX}"] = torch.tensor(float(factors.rank), dtype=torch.float32)
+        out[f"{name}{ALPHA_SUFFIX}"] = torch.tensor(alpha, dtype=torch.float32)
     return out

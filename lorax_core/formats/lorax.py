@@ -53,6 +53,12 @@ class LoraxHandler:
         shape = tuple(int(d) for d in shape_t.tolist())
         if not core.is_floating_point():
             return f"{LORAX_CORE_SUFFIX} must be floating point; got {core.dtype}"
+        if core.ndim not in (1, 2) or (core.ndim == 2 and core.shape[0] != core.shape[1]):
+            return f"{LORAX_CORE_SUFFIX} must be a vector (R,) or a square matrix (R, R); got shape {tuple(core.shape)}"
+        if core.shape[0] == 0:
+            return "rank-0 LoRA-X layer (an empty core: it changes nothing); not transferable"
+        if not bool(torch.isfinite(core).all()):
+            return f"NaN or Inf values in {LORAX_CORE_SUFFIX.lstrip('.')} (the file is damaged); not transferable"
         if min(shape) < 1 or core.shape[0] > min(shape[0], math.prod(shape[1:])):
             return f"LoRA-X rank {core.shape[0]} does not fit a base weight of shape {shape}"
         try:

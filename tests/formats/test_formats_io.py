@@ -13,7 +13,7 @@ import torch
 from _formats_helpers import make_layer
 from safetensors.torch import save_file
 
-from lorax_core.errors import FormatError, OutputExistsError, UnsafeFileError
+from lorax_core.errors import FormatError, OutputError, OutputExistsError, UnsafeFileError
 from lorax_core.formats import read_lora, write_lora
 from lorax_core.formats.io import check_output_path, load_tensors, read_header, save_tensors
 
@@ -121,14 +121,18 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
 
 
 def test_failed_write_leaves_no_output_and_no_temporary(tmp_path, monkeypatch):
-    import safetensors.torch
+    import errno
+
+    import lorax_core.formats.io as io_module
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        save_tensors(tmp_path / "o.safetensors", {"a": torch.ones(2)})
+    # The writer serialises in memory and writes the bytes itself (no safetensors temp file).
+    monkeypatch.setattr(io_module, "_write_all", broken)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(OutputError, match=re.escape(f"{out}: could not write the file (No space left on device)")):
+        save_tensors(out, {"a": torch.ones(2)})
     assert list(tmp_path.iterdir()) == []
 
 
