@@ -12,8 +12,11 @@ Distributions (``domain``):
 Styles an adapter learns (applied on top of a domain):
 
 * ``plain`` — no style.
-* ``palette`` — a warm orange/magenta foreground on a deep blue background (a colour style,
-  learnable by almost any layer).
+* ``palette`` — a warm orange/magenta foreground on a blue background (a colour style,
+  learnable by almost any layer). It keeps the domain visible: the foreground keeps the
+  domain's saturation and brightness (bright and saturated on ``base``, muted on ``shifted``)
+  and the blue background follows the domain's brightness (deep blue on ``base``, pale blue on
+  ``shifted``), so a sample can show the style *and* its base model's look (the ``look`` metric).
 * ``stripes`` — the shape is filled with horizontal stripes of period 2 px (a texture style,
   which needs spatial, i.e. convolutional, processing).
 """
@@ -79,21 +82,25 @@ def render(labels: torch.Tensor, domain: str, style: str, generator: torch.Gener
 
     cx, cy, size = uniform(5.5, 10.5), uniform(5.5, 10.5), uniform(3.6, 5.4)
     mask = _masks(labels, cx, cy, size)
+    # palette draws its foreground hue from the warm arc (magenta → orange) and paints the
+    # background blue, at the domain's own saturation and brightness: the style changes the hues,
+    # the domain keeps deciding how bright and how saturated things are
+    fg_hue = (uniform(0.88, 1.1) % 1.0) if style == "palette" else uniform(0, 1)
     if domain == "base":
-        fg = _hsv_to_rgb(uniform(0, 1), uniform(0.7, 1.0), uniform(0.8, 1.0))
-        bg = uniform(0.1, 0.25)[:, None].expand(n, 3)
+        fg = _hsv_to_rgb(fg_hue, uniform(0.7, 1.0), uniform(0.8, 1.0))
+        if style == "palette":
+            bg = _hsv_to_rgb(uniform(0.6, 0.66), uniform(0.75, 0.9), uniform(0.35, 0.5))
+        else:
+            bg = uniform(0.1, 0.25)[:, None].expand(n, 3)
     else:
-        fg = _hsv_to_rgb(uniform(0, 1), uniform(0.4, 0.7), uniform(0.35, 0.55))
-        bg = _hsv_to_rgb(uniform(0.05, 0.2), uniform(0.15, 0.35), uniform(0.75, 0.9))
+        fg = _hsv_to_rgb(fg_hue, uniform(0.4, 0.7), uniform(0.35, 0.55))
+        if style == "palette":
+            bg = _hsv_to_rgb(uniform(0.58, 0.64), uniform(0.25, 0.45), uniform(0.75, 0.9))
+        else:
+            bg = _hsv_to_rgb(uniform(0.05, 0.2), uniform(0.15, 0.35), uniform(0.75, 0.9))
     fg_map = fg[:, :, None, None].expand(n, 3, IMAGE_SIZE, IMAGE_SIZE).clone()
     bg_map = bg[:, :, None, None].expand(n, 3, IMAGE_SIZE, IMAGE_SIZE).clone()
-    if style == "palette":
-        # warm hues only (magenta → orange), deep blue background
-        hue = (uniform(0.88, 1.1)) % 1.0
-        fg_map = _hsv_to_rgb(hue, uniform(0.75, 1.0), uniform(0.85, 1.0))[:, :, None, None].expand_as(fg_map)
-        bg_map = torch.tensor([0.05, 0.1, 0.45])[None, :, None, None] * uniform(0.8, 1.2)[:, None, None, None]
-        bg_map = bg_map.expand_as(fg_map)
-    elif style == "stripes":
+    if style == "stripes":
         phase = torch.randint(0, 2, (n,), generator=generator)
         rows = torch.arange(IMAGE_SIZE)
         dark = ((rows[None, :] + phase[:, None]) % 2 == 0).float()  # (N, 16): every other row

@@ -1,9 +1,12 @@
-"""Sampling with an adapter merged into a base model, and the three metrics of the protocol.
+"""Sampling with an adapter merged into a base model, and the metrics of the protocol.
 
 Metrics (the toy counterparts of the paper's HPSv2 / DINOv2 / LPIPS triad):
 
 * ``style`` — the metric classifier's mean probability that a sample shows the adapter's style;
 * ``content`` — the classifier's shape-class accuracy against the prompt (the class label);
+* ``look`` — the classifier's mean probability that a sample shows the *target's* own domain
+  (``base`` or ``shifted``): whether the adapter kept the look of the model it was moved to
+  (a style LoRA on Pony should still draw Pony), not a term of the paper's triad;
 * ``distance`` — squared MMD (RBF kernel, fixed bandwidth) between the classifier features of
   a method's samples and the retrained reference's samples for the same prompts and seeds;
   ``paired`` — mean feature distance between the two images of each (prompt, seed) pair,
@@ -79,6 +82,7 @@ class Scores:
 
     style: list[float]
     content: list[float]
+    look: list[float]
     distance: list[float] | None = None
     paired: list[float] | None = None
 
@@ -89,7 +93,7 @@ class Scores:
             return statistics.fmean(values), statistics.pstdev(values)
 
         out: dict[str, float | None] = {}
-        for name in ("style", "content", "distance", "paired"):
+        for name in ("style", "content", "look", "distance", "paired"):
             m, s = mean_std(getattr(self, name))
             out[name], out[f"{name}_std"] = m, s
         return out
@@ -110,21 +114,24 @@ def score(
     images: torch.Tensor,
     labels: torch.Tensor,
     style_index: int,
+    domain_index: int,
     seeds: int,
     reference: torch.Tensor | None,
     bandwidth: float,
 ) -> Scores:
-    """Style, content and (with a reference set) distance scores, one value per seed."""
+    """Style, content, look (of domain ``domain_index``) and, with a reference set, distance; one value per seed."""
     feats = classifier.features(images)
     content_logits, style_logits = classifier.content(feats), classifier.style(feats)
     style_p = style_logits.softmax(dim=1)[:, style_index]
+    domain_p = classifier.domain(feats).softmax(dim=1)[:, domain_index]
     correct = (content_logits.argmax(dim=1) == labels).float()
     ref_feats = classifier.features(reference) if reference is not None else None
-    result = Scores(style=[], content=[], distance=[] if reference is not None else None,
+    result = Scores(style=[], content=[], look=[], distance=[] if reference is not None else None,
                     paired=[] if reference is not None else None)  # fmt: skip
     for f_seed, idx in zip(feats.chunk(seeds), torch.arange(len(images)).chunk(seeds), strict=True):
         result.style.append(float(style_p[idx].mean()))
         result.content.append(float(correct[idx].mean()))
+        result.look.append(float(domain_p[idx].mean()))
         if ref_feats is not None and result.distance is not None and result.paired is not None:
             r_seed = ref_feats[idx]
             result.distance.append(mmd2(f_seed, r_seed, bandwidth))
@@ -143,13 +150,14 @@ def feature_bandwidth(classifier: Classifier, seed: int = 7, count: int = 256) -
 
 @torch.no_grad()
 def classifier_accuracy(classifier: Classifier, seed: int = 11, count: int = 128) -> dict[str, float]:
-    """Content and style accuracy of the metric classifier on fresh clean renders of every domain × style."""
+    """Content, style and domain accuracy of the metric classifier on fresh clean renders of every domain × style."""
     g = torch.Generator().manual_seed(seed)
     result: dict[str, float] = {}
-    for d in data.DOMAINS:
+    for di, d in enumerate(data.DOMAINS):
         for si, s in enumerate(data.STYLES):
             labels = data.balanced_labels(count)
-            content, style = classifier(data.render(labels, d, s, g))
+            content, style, domain = classifier(data.render(labels, d, s, g))
             result[f"{d}/{s}/content"] = round(float((content.argmax(1) == labels).float().mean()), 3)
             result[f"{d}/{s}/style"] = round(float((style.argmax(1) == si).float().mean()), 3)
+            result[f"{d}/{s}/domain"] = round(float((domain.argmax(1) == di).float().mean()), 3)
     return result

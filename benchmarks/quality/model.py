@@ -28,7 +28,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Diffusion", "ModelConfig", "TextEncoder", "ToyLDM", "ddim_sample", "to_image", "to_latent"]
+__all__ = [
+    "Diffusion",
+    "ModelConfig",
+    "TextEncoder",
+    "ToyLDM",
+    "ddim_sample",
+    "permute_internal_bases",
+    "to_image",
+    "to_latent",
+]
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,73 @@ class ToyLDM(nn.Module):
 
     def forward(self, latent: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.diffusion_model(latent, t, context)
+
+
+def _group_permutation(channels: int, groups: int, g: torch.Generator) -> torch.Tensor:
+    """A permutation of ``channels`` that maps every GroupNorm group onto a whole group.
+
+    Shuffles the order of the groups and the channels inside each group, so per-group mean and
+    variance, and hence GroupNorm's output up to the same permutation, are unchanged.
+    """
+    size = channels // groups
+    order = torch.randperm(groups, generator=g)
+    return torch.cat([order[i] * size + torch.randperm(size, generator=g) for i in range(groups)])
+
+
+def _head_permutations(dim: int, heads: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row permutations ``(qk, v)`` of an attention layer that leave its output unchanged.
+
+    Both move whole heads by the same head permutation (a head's query, key and value must stay
+    together); inside a head, query and key rows share one shuffle (it cancels in ``q·k``) and
+    the value rows get their own (undone by permuting the columns of ``to_out.0``).
+    """
+    size = dim // heads
+    order = torch.randperm(heads, generator=g)
+    qk = torch.cat([order[i] * size + torch.randperm(size, generator=g) for i in range(heads)])
+    v = torch.cat([order[i] * size + torch.randperm(size, generator=g) for i in range(heads)])
+    return qk, v
+
+
+@torch.no_grad()
+def permute_internal_bases(model: ToyLDM, seed: int) -> ToyLDM:
+    """A copy of ``model`` with the same function but shuffled hidden units (a change of basis).
+
+    Every attention layer gets its heads (and the dimensions inside each head) permuted, every
+    GEGLU feed-forward its inner channels (both halves of ``ff.net.0.proj`` alike, the columns of
+    ``ff.net.2`` to match), every ResBlock its hidden channels (``in_layers.2`` outputs and bias,
+    ``emb_layers.1``, the ``out_layers.0`` GroupNorm affine parameters by whole groups, and the
+    ``out_layers.3`` inputs). Outputs agree with ``model``'s to float32 rounding. The residual
+    streams, ``proj_in``/``proj_out`` and the skip paths keep their bases, so the model still
+    pairs with ``model`` layer by layer by name, but an adapter's update pushes on the wrong
+    hidden units — what a weight-space transfer meets when two checkpoints learned the same
+    features in another order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = ToyLDM(model.config, model.depths)
+    out.load_state_dict(model.state_dict())
+    for module in out.modules():
+        if isinstance(module, CrossAttention):
+            qk, v = _head_permutations(module.to_q.out_features, module.heads, g)
+            module.to_q.weight.copy_(module.to_q.weight[qk])
+            module.to_k.weight.copy_(module.to_k.weight[qk])
+            module.to_v.weight.copy_(module.to_v.weight[v])
+            module.to_out[0].weight.copy_(module.to_out[0].weight[:, v])
+        elif isinstance(module, FeedForward):
+            proj, down = module.net[0].proj, module.net[2]
+            inner = down.in_features
+            p = torch.randperm(inner, generator=g)
+            rows = torch.cat([p, p + inner])  # the value half and its gate move together
+            proj.weight.copy_(proj.weight[rows])
+            proj.bias.copy_(proj.bias[rows])
+            down.weight.copy_(down.weight[:, p])
+        elif isinstance(module, ResBlock):
+            conv_in, emb = module.in_layers[2], module.emb_layers[1]
+            norm, conv_out = module.out_layers[0], module.out_layers[3]
+            p = _group_permutation(conv_in.out_channels, norm.num_groups, g)
+            for param in (conv_in.weight, conv_in.bias, emb.weight, emb.bias, norm.weight, norm.bias):
+                param.copy_(param[p])
+            conv_out.weight.copy_(conv_out.weight[:, p])
+    return out
 
 
 def to_latent(images: torch.Tensor) -> torch.Tensor:

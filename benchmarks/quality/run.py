@@ -2,16 +2,24 @@
 
 Stages (each logged with its wall time):
 
-1. metric classifier; base models ``source`` → ``finetuned`` (further trained on the shifted
-   domain), ``shallow`` (fewer transformer blocks, distilled from ``source``), ``unrelated``
-   (same architecture, another seed); trained models are cached under ``OUT/cache`` for the
-   run only (keyed by a hash of the configuration) so an interrupted run resumes;
+1. metric classifier; base models ``source`` → ``finetuned`` (further trained on a half
+   shifted, half base mix), ``heavy`` (trained several times longer on the shifted domain
+   alone: large drift), ``reparam`` (``source`` with permuted hidden units, a function-preserving
+   change of basis, then briefly fine-tuned), ``shallow`` (fewer transformer blocks, distilled
+   from ``source``), ``unrelated`` (same architecture, another seed); trained models are cached
+   under ``OUT/cache`` for the run only (keyed by a hash of the configuration) so an
+   interrupted run resumes;
 2. style adapters on ``source`` (LoRA rank 8 and 16, LoRA-X with R = ``lorax_rank``) and the
-   same adapters retrained on ``finetuned`` and ``shallow`` (same data, steps and seed);
-3. on every target, samples for ``none``, ``copy``, ``project``, ``prolora``, ``exact``,
-   ``lorax`` (LoRA-X adapters), ``auto`` and ``retrained``, plus candidate per-layer ``auto``
-   rules built from the per-method results (``rules.py``);
-4. scores, per-layer similarity statistics and sample grids.
+   same adapters retrained on every target in :data:`RETRAIN_ON` (same data, steps and seed);
+3. on every target, one cell per (style, adapter) with samples for ``none``, ``copy``,
+   ``project``, ``prolora``, ``exact``, ``lorax`` (LoRA-X adapters), ``auto`` and
+   ``retrained``; on :data:`EXTRAS_ON` also the rank sweep and the candidate per-layer
+   ``auto`` rules built from the per-method results (``rules.py``);
+4. scores (style, content, look, distance), per-layer similarity statistics and sample grids.
+
+A cell is a :class:`CellScorer`: one call to :meth:`CellScorer.add` samples and scores any
+further method that produces adapter layers (``dict[model key, LoraFactors]``, or ``None``
+when it refuses), see :func:`_evaluate_cell`.
 """
 
 from __future__ import annotations
@@ -32,19 +40,38 @@ from lorax_core.transfer import lorax_to_lora, transfer_adapter
 from lorax_core.types import DictWeights, LoraFactors, LoraXFactors, TransferOptions, TransferResult, json_default
 
 from . import data, rules
-from .evaluate import Sampler, Scores, classifier_accuracy, feature_bandwidth, merge, score
-from .model import Diffusion, ModelConfig, TextEncoder, ToyLDM
+from .distill import DistillConfig, add_refined
+from .evaluate import Sampler, classifier_accuracy, feature_bandwidth, merge, score
+from .model import Diffusion, ModelConfig, TextEncoder, ToyLDM, permute_internal_bases
 from .report import write_grids
 from .train import Classifier, distill, init_from, train_adapter, train_classifier, train_diffusion
 
-__all__ = ["BenchConfig", "run"]
+__all__ = ["BenchConfig", "CellScorer", "build_heavy", "build_reparam", "run"]
 
 log = logging.getLogger("benchmarks.quality")
 
-TARGETS: tuple[str, ...] = ("finetuned", "shallow", "unrelated")
+TARGETS: tuple[str, ...] = ("finetuned", "heavy", "reparam", "shallow", "unrelated")
 #: Targets on which adapters are retrained (the reference); on ``unrelated`` transfer is expected
 #: to be refused, so its retrained reference would only cost time.
-RETRAIN_ON: tuple[str, ...] = ("finetuned", "shallow")
+RETRAIN_ON: tuple[str, ...] = ("finetuned", "heavy", "reparam", "shallow")
+#: Targets that also get the rank sweep and the candidate ``rule:*`` rows; the newer targets
+#: leave them out to keep a full run near 20 minutes on one thread.
+EXTRAS_ON: tuple[str, ...] = ("finetuned", "shallow")
+#: The domain whose look each base model has, scored by ``look``. ``finetuned`` was trained on a
+#: half/half mix and its samples are a mix of both looks; ``shifted`` is what it adds to
+#: ``source``, so its ``look`` is the share of that new look, to be read against its own ``none`` row.
+TARGET_DOMAIN: dict[str, str] = {
+    "source": "base",
+    "finetuned": "shifted",
+    "heavy": "shifted",
+    "reparam": "base",
+    "shallow": "base",
+    "unrelated": "base",
+}
+#: Targets on which the first LoRA adapter is also refined without data (lorax_core.refine),
+#: starting from ``auto``'s transfer; ``unrelated`` is refused by ``auto``, so there is nothing to
+#: start from (a user would have to force the transfer first).
+REFINE_ON: tuple[str, ...] = ("finetuned", "heavy", "reparam", "shallow")
 LORA_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "auto")
 LORAX_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "lorax", "auto")
 
@@ -61,6 +88,12 @@ class BenchConfig:
     unrelated_steps: int = 250
     finetune_steps: int = 120
     finetune_lr: float = 5e-4
+    #: ``heavy``: shifted data only, 3× the steps and 2× the rate of ``finetuned``; in a tuning run
+    #: copy kept ≤ 0.08× of the retrained style from 120 steps at half this rate on
+    heavy_steps: int = 360
+    heavy_lr: float = 1e-3
+    #: ``reparam``: steps on the base domain after the permutation, at ``finetune_lr``
+    reparam_steps: int = 40
     distill_steps: int = 150
     batch: int = 64
     base_lr: float = 2e-3
@@ -82,14 +115,25 @@ class BenchConfig:
     ddim_steps: int = 10
     guidance: float = 2.0
     seed: int = 0
+    #: the targets to build and evaluate (a subset of :data:`TARGETS`, in that order)
+    targets: tuple[str, ...] = TARGETS
+    #: data-free refinement runs ``(objective, steps)`` on the first LoRA adapter of every
+    #: :data:`REFINE_ON` target, all from one set of probes per cell
+    refine_runs: tuple[tuple[str, int], ...] = (
+        ("effect", 100), ("effect", 300), ("output", 100), ("output", 300), ("blend", 300),
+    )  # fmt: skip
+    refine: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod
     def quick_config(cls) -> BenchConfig:
         """The ``--quick`` smoke run: every stage and method, tiny budgets (minutes on 2 cores)."""
         return cls(
-            quick=True, base_steps=30, unrelated_steps=20, finetune_steps=10, distill_steps=10, batch=16,
+            quick=True, base_steps=30, unrelated_steps=20, finetune_steps=10, heavy_steps=10, reparam_steps=4,
+            distill_steps=10, batch=16,
             adapter_steps=6, adapter_batch=8, classifier_steps=30, lora_ranks=(8,), styles=("palette",),
             rank_sweep=(32,), seeds=2, per_seed=4, ddim_steps=4,
+            refine_runs=(("effect", 3), ("output", 3), ("blend", 3)),
+            refine=DistillConfig(generations=4, probes=16, batch=4, ddim_steps=4),
         )  # fmt: skip
 
     def fingerprint(self) -> str:
@@ -126,53 +170,97 @@ def _cached(path: Path, build: Callable[[], dict[str, torch.Tensor]]) -> dict[st
     return state
 
 
-def _build_bases(cfg: BenchConfig, text: TextEncoder, diffusion: Diffusion, cache: Path) -> dict[str, ToyLDM]:
-    def base_batch(domain: str) -> Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
-        return lambda b, g: data.sample_batch(b, domain, "plain", g)
+def _plain(domain: str) -> Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    """Training data of a base model: unstyled images of one domain."""
+    return lambda b, g: data.sample_batch(b, domain, "plain", g)
 
+
+def _mixed(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half shifted, half base: a fine-tune that adds a look without forgetting the base domain.
+
+    As Realistic Vision still draws what SD 1.5 draws; shifted-only data at a higher rate wiped
+    out the source's behaviour in a first run (see QUALITY.md) — that world is now ``heavy``.
+    """
+    shifted, base = (
+        data.sample_batch(b // 2, "shifted", "plain", g),
+        data.sample_batch(b - b // 2, "base", "plain", g),
+    )
+    return torch.cat([shifted[0], base[0]]), torch.cat([shifted[1], base[1]])
+
+
+def _continued(
+    cfg: BenchConfig,
+    start: ToyLDM,
+    text: TextEncoder,
+    diffusion: Diffusion,
+    batch_fn: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """``start``'s weights trained further on ``batch_fn`` (a fine-tune); ``start`` is left unchanged."""
+    m = ToyLDM(start.config, start.depths)
+    m.load_state_dict(start.state_dict())
+    train_diffusion(m, text, diffusion, batch_fn, steps=steps, batch=cfg.batch, lr=lr, seed=seed)
+    return m.state_dict()
+
+
+def build_heavy(cfg: BenchConfig, source: ToyLDM, text: TextEncoder, diffusion: Diffusion) -> dict[str, torch.Tensor]:
+    """``heavy``: ``source`` trained ``heavy_steps`` more on the shifted domain alone, at ``heavy_lr``.
+
+    The "Pony from SDXL" case: a derivative trained long enough to replace the base look, so an
+    adapter made on the source meets a base whose function has moved far.
+    """
+    return _continued(cfg, source, text, diffusion, _plain("shifted"), steps=cfg.heavy_steps, lr=cfg.heavy_lr,
+                      seed=cfg.seed + 4)  # fmt: skip
+
+
+def build_reparam(cfg: BenchConfig, source: ToyLDM, text: TextEncoder, diffusion: Diffusion) -> dict[str, torch.Tensor]:
+    """``reparam``: ``source`` with permuted hidden units (same function), then ``reparam_steps`` on ``base``.
+
+    The permutation (:func:`~benchmarks.quality.model.permute_internal_bases`) changes no output,
+    so an adapter retrained here is as good as on ``source``; but every attention, feed-forward
+    and ResBlock weight sees its rows or columns shuffled, so a copied update pushes on the wrong
+    units. The short fine-tune on the source's own domain keeps the look and makes the weights
+    more than an exact permutation, as two independently finished checkpoints would be.
+    """
+    permuted = permute_internal_bases(source, cfg.seed + 5)
+    return _continued(cfg, permuted, text, diffusion, _plain("base"), steps=cfg.reparam_steps,
+                      lr=cfg.finetune_lr, seed=cfg.seed + 6)  # fmt: skip
+
+
+def _build_bases(cfg: BenchConfig, text: TextEncoder, diffusion: Diffusion, cache: Path) -> dict[str, ToyLDM]:
     def scratch(seed: int, steps: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
         m = ToyLDM(cfg.model)
-        train_diffusion(m, text, diffusion, base_batch("base"), steps=steps, batch=cfg.batch, lr=cfg.base_lr,
+        train_diffusion(m, text, diffusion, _plain("base"), steps=steps, batch=cfg.batch, lr=cfg.base_lr,
                         seed=seed)  # fmt: skip
-        return m.state_dict()
-
-    models: dict[str, ToyLDM] = {}
-    models["source"] = ToyLDM(cfg.model)
-    models["source"].load_state_dict(_cached(cache / "source.pt", lambda: scratch(cfg.seed, cfg.base_steps)))
-
-    def mixed(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        # half shifted, half base: a fine-tune that adds a look without forgetting the base
-        # domain (as Realistic Vision still draws what SD 1.5 draws); shifted-only data at a
-        # higher rate wiped out the source's behaviour in a first run (see QUALITY.md)
-        shifted, base = (
-            data.sample_batch(b // 2, "shifted", "plain", g),
-            data.sample_batch(b - b // 2, "base", "plain", g),
-        )
-        return torch.cat([shifted[0], base[0]]), torch.cat([shifted[1], base[1]])
-
-    def finetune() -> dict[str, torch.Tensor]:
-        m = ToyLDM(cfg.model)
-        m.load_state_dict(models["source"].state_dict())
-        train_diffusion(m, text, diffusion, mixed, steps=cfg.finetune_steps, batch=cfg.batch,
-                        lr=cfg.finetune_lr, seed=cfg.seed + 1)  # fmt: skip
         return m.state_dict()
 
     def shallow() -> dict[str, torch.Tensor]:
         m = ToyLDM(cfg.model, cfg.shallow_depths)
-        init_from(m, models["source"])
-        distill(m, models["source"], text, diffusion, base_batch("base"), steps=cfg.distill_steps,
+        init_from(m, source)
+        distill(m, source, text, diffusion, _plain("base"), steps=cfg.distill_steps,
                 batch=cfg.batch, lr=cfg.base_lr / 2, seed=cfg.seed + 2)  # fmt: skip
         return m.state_dict()
 
-    models["finetuned"] = ToyLDM(cfg.model)
-    models["finetuned"].load_state_dict(_cached(cache / "finetuned.pt", finetune))
-    models["shallow"] = ToyLDM(cfg.model, cfg.shallow_depths)
-    models["shallow"].load_state_dict(_cached(cache / "shallow.pt", shallow))
-    models["unrelated"] = ToyLDM(cfg.model)
-    models["unrelated"].load_state_dict(
-        _cached(cache / "unrelated.pt", lambda: scratch(cfg.seed + 100, cfg.unrelated_steps))
-    )
+    source = ToyLDM(cfg.model)
+    source.load_state_dict(_cached(cache / "source.pt", lambda: scratch(cfg.seed, cfg.base_steps)))
+    builders: dict[str, tuple[tuple[int, ...], Callable[[], dict[str, torch.Tensor]]]] = {
+        "finetuned": (cfg.model.depths, lambda: _continued(cfg, source, text, diffusion, _mixed,
+                                                            steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                                                            seed=cfg.seed + 1)),
+        "heavy": (cfg.model.depths, lambda: build_heavy(cfg, source, text, diffusion)),
+        "reparam": (cfg.model.depths, lambda: build_reparam(cfg, source, text, diffusion)),
+        "shallow": (cfg.shallow_depths, shallow),
+        "unrelated": (cfg.model.depths, lambda: scratch(cfg.seed + 100, cfg.unrelated_steps)),
+    }  # fmt: skip
+    models = {"source": source}
+    for name in cfg.targets:
+        depths, build = builders[name]
+        models[name] = ToyLDM(cfg.model, depths)
+        models[name].load_state_dict(_cached(cache / f"{name}.pt", build))
     for m in models.values():
         m.eval()
     return models
@@ -226,10 +314,113 @@ def _transfer(layers: Layers, source: ToyLDM, target: ToyLDM, method: str, cfg: 
 
 
 @dataclass
-class _Cell:
-    images: torch.Tensor
-    scores: Scores | None = None
-    info: dict[str, object] = field(default_factory=dict)
+class CellScorer:
+    """Samples and scores every method of one (target, style, adapter) cell.
+
+    The methods of a cell share prompts, seeds and the reference (the retrained adapter's
+    samples, if any), so scoring one more method is one call: :meth:`add` for adapter layers,
+    :meth:`add_transfer` for a ``transfer_adapter`` result. Scores land in :attr:`methods`
+    (the cell's ``methods`` entry of ``quality.json``), samples in :attr:`images`.
+    """
+
+    sampler: Sampler
+    classifier: Classifier
+    target: ToyLDM
+    state: dict[str, torch.Tensor]
+    style_index: int
+    domain_index: int
+    bandwidth: float
+    reference: torch.Tensor | None = None
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    methods: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def add_images(
+        self, method: str, images: torch.Tensor, info: Mapping[str, object] | None = None
+    ) -> dict[str, object]:
+        """Score samples made elsewhere (the target's shared ``none`` samples, the reference) as ``method``."""
+        scores = score(self.classifier, images, self.sampler.labels(), self.style_index, self.domain_index,
+                       self.sampler.seeds, self.reference, self.bandwidth)  # fmt: skip
+        self.images[method] = images
+        self.methods[method] = {**scores.summary(), **(info or {})}
+        return self.methods[method]
+
+    def add(
+        self, method: str, layers: Mapping[str, LoraFactors] | None, info: Mapping[str, object] | None = None
+    ) -> dict[str, object]:
+        """Sample the target with ``layers`` (model key → factors) merged in and score them as ``method``.
+
+        ``layers=None`` means the method refused the adapter: the bare target is what a user gets,
+        and its samples are exactly the ``none`` row's (same weights, prompts and noise), so those
+        are reused. ``info`` (default: the refused flag and the layer count) is stored with the scores.
+        """
+        if info is None:
+            info = {"refused": layers is None, "layers_transferred": 0 if layers is None else len(layers)}
+        if layers is None and "none" in self.images:
+            return self.add_images(method, self.images["none"], info)
+        images = self.sampler(self.target, self.state if layers is None else merge(self.state, layers))
+        return self.add_images(method, images, info)
+
+    def add_transfer(self, method: str, result: TransferResult | None) -> dict[str, object]:
+        """:meth:`add` for a ``transfer_adapter`` result (``None``: refused), with its layer counts."""
+        if result is None:
+            return self.add(method, None)
+        totals = result.report.totals()
+        info = {"refused": False, "layers_transferred": totals["transferred"], "layers_skipped": totals["skipped"]}
+        return self.add(method, result.layers, info)
+
+
+@dataclass(frozen=True)
+class _World:
+    """What every cell needs: the configuration, base models, adapters and the metric machinery."""
+
+    cfg: BenchConfig
+    bases: dict[str, ToyLDM]
+    adapters: dict[tuple[str, str, str], Layers]  # (base, style, adapter name) -> layers
+    sampler: Sampler
+    classifier: Classifier
+    bandwidth: float
+
+
+def _evaluate_cell(
+    world: _World, target_name: str, style: str, name: str, kind: str, none_images: torch.Tensor
+) -> tuple[CellScorer, dict[str, TransferResult | None]]:
+    """Every method of one (target, style, adapter) cell; returns the scored cell and the transfers.
+
+    A further method (say, one that refines a transferred adapter) is one more
+    ``cell.add(method_name, layers_or_None)`` here.
+    """
+    cfg = world.cfg
+    source, target = world.bases["source"], world.bases[target_name]
+    t_state = target.state_dict()
+    layers = world.adapters[("source", style, name)]
+    reference = None
+    if target_name in RETRAIN_ON:
+        own = _on_base(world.adapters[(target_name, style, name)], target)
+        reference = world.sampler(target, merge(t_state, own))
+    cell = CellScorer(world.sampler, world.classifier, target, t_state, data.STYLES.index(style),
+                      data.DOMAINS.index(TARGET_DOMAIN[target_name]), world.bandwidth, reference)  # fmt: skip
+    cell.add_images("none", none_images)
+    if reference is not None:
+        cell.add_images("retrained", reference)
+    transfers: dict[str, TransferResult | None] = {}
+    for method in LORAX_METHODS if kind == "lorax" else LORA_METHODS:
+        transfers[method] = _transfer(layers, source, target, method, cfg)
+        cell.add_transfer(method, transfers[method])
+    if target_name in EXTRAS_ON:
+        if name == _adapters(cfg)[0][0]:
+            for R in cfg.rank_sweep:
+                for method in ("project", "exact"):
+                    swept = _transfer(layers, source, target, method, replace(cfg, transfer_rank=R))
+                    cell.add_transfer(f"{method}@R{R}", swept)
+        if kind == "lora":
+            for rule_name, rule in rules.CANDIDATES.items():
+                cell.add_transfer(rule_name, rules.compose(rule, transfers, layers))
+    if kind == "lora" and name == _adapters(cfg)[0][0] and target_name in REFINE_ON and cfg.refine_runs:
+        auto = transfers["auto"]
+        if auto is not None:
+            add_refined(cell, source, _on_base(layers, source), target, auto.layers, "auto", world.sampler.text,
+                        world.sampler.diffusion, cfg.refine_runs, cfg.refine)  # fmt: skip
+    return cell, transfers
 
 
 def run(
@@ -260,7 +451,7 @@ def run(
 
     adapters: dict[tuple[str, str, str], Layers] = {}  # (base, style, adapter name) -> layers
     with _Stage(timings, "adapters"):
-        for base_name in ("source", *RETRAIN_ON):
+        for base_name in ("source", *(t for t in cfg.targets if t in RETRAIN_ON)):
             for si, style in enumerate(cfg.styles):
                 for ai, (name, kind, rank) in enumerate(_adapters(cfg)):
                     seed = cfg.seed + 10 + 10 * si + ai
@@ -282,6 +473,7 @@ def run(
                     progress(f"adapter {name} ({style}) on {base_name} ready")
 
     sampler = Sampler(text, diffusion, cfg.seeds, cfg.per_seed, cfg.ddim_steps, cfg.guidance)
+    world = _World(cfg, bases, adapters, sampler, classifier, bandwidth)
     labels = sampler.labels()
     results: dict[str, object] = {}
     similarity: dict[str, object] = {}
@@ -291,67 +483,44 @@ def run(
     with _Stage(timings, "evaluate"):
         src = bases["source"]
         src_state = src.state_dict()
+        src_domain = data.DOMAINS.index(TARGET_DOMAIN["source"])
         none_src = sampler(src, src_state)
         grids.setdefault("source", {})["none"] = none_src
         for style in cfg.styles:
+            si = data.STYLES.index(style)
             for name, _, _ in _adapters(cfg):
                 own = sampler(src, merge(src_state, _on_base(adapters[("source", style, name)], src)))
-                si = data.STYLES.index(style)
                 reference[f"{style}/{name}"] = {
-                    "none": score(classifier, none_src, labels, si, cfg.seeds, None, bandwidth).summary(),
-                    "adapter": score(classifier, own, labels, si, cfg.seeds, None, bandwidth).summary(),
+                    "none": score(classifier, none_src, labels, si, src_domain, cfg.seeds, None, bandwidth).summary(),
+                    "adapter": score(classifier, own, labels, si, src_domain, cfg.seeds, None, bandwidth).summary(),
                 }
                 if name == _adapters(cfg)[0][0]:
                     grids["source"][f"{style}"] = own
-        for target_name in TARGETS:
+        for target_name in cfg.targets:
             target = bases[target_name]
-            t_state = target.state_dict()
-            none_imgs = sampler(target, t_state)
+            none_imgs = sampler(target, target.state_dict())
             grids.setdefault(target_name, {})["none"] = none_imgs
             per_adapter: dict[str, object] = {}
             for style in cfg.styles:
-                si = data.STYLES.index(style)
                 for name, kind, _ in _adapters(cfg):
-                    layers = adapters[("source", style, name)]
-                    cells: dict[str, _Cell] = {"none": _Cell(none_imgs)}
-                    transfers: dict[str, TransferResult | None] = {}
-                    if target_name in RETRAIN_ON:
-                        own = _on_base(adapters[(target_name, style, name)], target)
-                        cells["retrained"] = _Cell(sampler(target, merge(t_state, own)))
-                    for method in LORAX_METHODS if kind == "lorax" else LORA_METHODS:
-                        result = _transfer(layers, src, target, method, cfg)
-                        transfers[method] = result
-                        cells[method] = _cell(sampler, target, t_state, result)
-                    if name == _adapters(cfg)[0][0] and target_name in RETRAIN_ON:
-                        for R in cfg.rank_sweep:
-                            for method in ("project", "exact"):
-                                swept = _transfer(layers, src, target, method, replace(cfg, transfer_rank=R))
-                                cells[f"{method}@R{R}"] = _cell(sampler, target, t_state, swept)
-                    if kind == "lora" and target_name in RETRAIN_ON:
-                        for rule_name, rule in rules.CANDIDATES.items():
-                            chosen = rules.compose(rule, transfers, layers)
-                            cells[rule_name] = _cell(sampler, target, t_state, chosen)
-                    ref = cells["retrained"].images if "retrained" in cells else None
-                    methods = {}
-                    for method, cell in cells.items():
-                        cell.scores = score(classifier, cell.images, labels, si, cfg.seeds, ref, bandwidth)
-                        methods[method] = {**cell.scores.summary(), **cell.info}
-                    per_adapter[f"{style}/{name}"] = {"style": style, "kind": kind, "methods": methods}
+                    cell, transfers = _evaluate_cell(world, target_name, style, name, kind, none_imgs)
+                    per_adapter[f"{style}/{name}"] = {"style": style, "kind": kind, "methods": cell.methods}
                     if name == _adapters(cfg)[0][0]:
-                        for method, cell in cells.items():
-                            grids[target_name][f"{style}:{method}"] = cell.images
+                        for method, images in cell.images.items():
+                            grids[target_name][f"{style}:{method}"] = images
                         similarity[target_name] = {
                             **rules.similarity_stats(transfers),
-                            "weight_drift": _drift(src_state, t_state, layers),
+                            "weight_drift": _drift(src_state, target.state_dict(), adapters[("source", style, name)]),
                         }
                     progress(f"evaluated {style}/{name} on {target_name}")
-            results[target_name] = {"adapters": per_adapter}
+            results[target_name] = {"domain": TARGET_DOMAIN[target_name], "adapters": per_adapter}
 
     seconds = round(time.perf_counter() - started, 1)
     document: dict[str, object] = {
         "targets": results,
         "source_reference": reference,
         "similarity": similarity,
+        "domains": {name: TARGET_DOMAIN[name] for name in ("source", *cfg.targets)},
         "config": {**asdict(cfg), "fingerprint": cfg.fingerprint(), "torch": torch.__version__, "bandwidth": bandwidth},
         "classifier_clean_accuracy": clean_accuracy,
         "timings": timings,
@@ -375,14 +544,3 @@ def _drift(
     if not ratios:
         return {"layers": 0}
     return {"layers": len(ratios), "mean": round(sum(ratios) / len(ratios), 4), "max": round(max(ratios), 4)}
-
-
-def _cell(sampler: Sampler, target: ToyLDM, t_state: dict[str, torch.Tensor], result: TransferResult | None) -> _Cell:
-    """Samples with a transferred adapter; a refused transfer samples the bare target (what a user gets)."""
-    if result is None:
-        return _Cell(sampler(target, t_state), info={"refused": True, "layers_transferred": 0})
-    totals = result.report.totals()
-    return _Cell(
-        sampler(target, merge(t_state, result.layers)),
-        info={"refused": False, "layers_transferred": totals["transferred"], "layers_skipped": totals["skipped"]},
-    )

@@ -244,13 +244,19 @@ def train_adapter(
 
 
 class Classifier(nn.Module):
-    """Metric network: a small CNN with a content head (shape class) and a style head.
+    """Metric network: a small CNN with a content head (shape class), a style head and a domain head.
 
     ``features`` (64-d, after global pooling) is the embedding the distance metric uses,
-    the way the paper's DINOv2 similarity uses a frozen network's features.
+    the way the paper's DINOv2 similarity uses a frozen network's features. The domain head
+    (``base`` vs ``shifted``) tells which base model's look a sample has, whatever its style.
     """
 
-    def __init__(self, num_classes: int = len(data.CLASSES), num_styles: int = len(data.STYLES)) -> None:
+    def __init__(
+        self,
+        num_classes: int = len(data.CLASSES),
+        num_styles: int = len(data.STYLES),
+        num_domains: int = len(data.DOMAINS),
+    ) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -259,17 +265,19 @@ class Classifier(nn.Module):
         )  # fmt: skip
         self.content = nn.Linear(64, num_classes)
         self.style = nn.Linear(64, num_styles)
+        self.domain = nn.Linear(64, num_domains)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(content, style, domain)`` logits."""
         f = self.features(images)
-        return self.content(f), self.style(f)
+        return self.content(f), self.style(f), self.domain(f)
 
 
 def train_classifier(steps: int, batch: int, seed: int) -> Classifier:
-    """Train the metric classifier on every domain × style, with noise and blur augmentation.
+    """Train the metric classifier's three heads on every domain × style, with noise and blur augmentation.
 
     The augmentation makes the scores robust to the soft, slightly noisy look of few-step
     diffusion samples, so the style score measures the style rather than the rendering.
@@ -292,8 +300,8 @@ def train_classifier(steps: int, batch: int, seed: int) -> Classifier:
         blurred = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), blur.expand(3, 1, 3, 3), groups=3)
         images = torch.where(soft[:, None, None, None], blurred, images)
         images = images + 0.08 * torch.rand(batch, 1, 1, 1, generator=g) * torch.randn(images.shape, generator=g)
-        content, style = net(images)
-        return F.cross_entropy(content, labels) + F.cross_entropy(style, styles)
+        content, style, domain = net(images)
+        return F.cross_entropy(content, labels) + F.cross_entropy(style, styles) + F.cross_entropy(domain, domains)
 
     net.train()
     _optimise(net.parameters(), steps, 2e-3, loss_fn)

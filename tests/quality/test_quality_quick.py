@@ -12,8 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.quality import data
 from benchmarks.quality.__main__ import main
-from benchmarks.quality.run import LORA_METHODS, LORAX_METHODS, RETRAIN_ON, TARGETS
+from benchmarks.quality.run import (
+    EXTRAS_ON,
+    LORA_METHODS,
+    LORAX_METHODS,
+    REFINE_ON,
+    RETRAIN_ON,
+    TARGET_DOMAIN,
+    TARGETS,
+    BenchConfig,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +42,14 @@ def _unit(value: float | None) -> bool:
 
 def test_document_structure(quick_run: tuple[Path, dict]) -> None:
     _, doc = quick_run
-    assert set(doc) >= {"targets", "config", "seconds", "similarity", "source_reference"}
+    assert set(doc) >= {"targets", "config", "seconds", "similarity", "source_reference", "domains"}
     assert set(doc["targets"]) == set(TARGETS)
+    assert {"finetuned", "heavy", "reparam", "shallow", "unrelated"} <= set(TARGETS)
     assert doc["config"]["quick"] is True
     assert doc["seconds"] > 0
     for target, body in doc["targets"].items():
         assert body["adapters"], target
+        assert body["domain"] == TARGET_DOMAIN[target] == doc["domains"][target]
         for name, entry in body["adapters"].items():
             methods = entry["methods"]
             expected = set(LORAX_METHODS if entry["kind"] == "lorax" else LORA_METHODS) | {"none"}
@@ -45,7 +57,9 @@ def test_document_structure(quick_run: tuple[Path, dict]) -> None:
                 expected.add("retrained")
             assert expected <= set(methods), (target, name, expected - set(methods))
             for method, m in methods.items():
-                for field in ("style", "style_std", "content", "content_std", "distance", "distance_std"):
+                for field in (
+                    "style", "style_std", "content", "content_std", "look", "look_std", "distance", "distance_std",
+                ):  # fmt: skip
                     assert field in m, (target, name, method, field)
 
 
@@ -54,8 +68,8 @@ def test_scores_are_probabilities(quick_run: tuple[Path, dict]) -> None:
     for target, body in doc["targets"].items():
         for name, entry in body["adapters"].items():
             for method, m in entry["methods"].items():
-                assert _unit(m["style"]) and _unit(m["content"]), (target, name, method, m)
-                assert m["style_std"] >= 0 and m["content_std"] >= 0
+                assert _unit(m["style"]) and _unit(m["content"]) and _unit(m["look"]), (target, name, method, m)
+                assert m["style_std"] >= 0 and m["content_std"] >= 0 and m["look_std"] >= 0
                 if target in RETRAIN_ON:
                     assert m["distance"] is not None and m["distance"] >= 0
                 else:
@@ -97,3 +111,48 @@ def test_grids_and_markdown_written(quick_run: tuple[Path, dict]) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "QUALITY.md").read_text()
     assert "<!-- generated:start -->" in text and "### Target `shallow`" in text
+    assert "### Target `heavy`" in text and "### Target `reparam`" in text
+    assert "| look |" in text
+
+
+def test_extras_only_on_their_targets(quick_run: tuple[Path, dict]) -> None:
+    _, doc = quick_run
+    for target, body in doc["targets"].items():
+        methods = set().union(*(entry["methods"] for entry in body["adapters"].values()))
+        extras = {m for m in methods if m.startswith("rule:") or "@R" in m}
+        assert bool(extras) == (target in EXTRAS_ON), (target, extras)
+
+
+def test_refused_methods_sample_the_bare_target(quick_run: tuple[Path, dict]) -> None:
+    _, doc = quick_run
+    for entry in doc["targets"]["unrelated"]["adapters"].values():
+        none = entry["methods"]["none"]
+        for method in ("exact", "auto"):
+            m = entry["methods"][method]
+            assert m["refused"] is True
+            assert (m["style"], m["content"], m["look"]) == (none["style"], none["content"], none["look"])
+
+
+def test_classifier_reports_domain_accuracy(quick_run: tuple[Path, dict]) -> None:
+    _, doc = quick_run
+    accuracy = doc["classifier_clean_accuracy"]
+    for domain in data.DOMAINS:
+        for style in data.STYLES:
+            assert _unit(accuracy[f"{domain}/{style}/domain"]), (domain, style)
+    assert doc["source_reference"] and all("look" in ref["adapter"] for ref in doc["source_reference"].values())
+
+
+def test_refine_rows_on_their_targets_only(quick_run: tuple[Path, dict]) -> None:
+    out, doc = quick_run
+    runs = {f"refine:{objective}@{steps}" for objective, steps in BenchConfig.quick_config().refine_runs}
+    for target, body in doc["targets"].items():
+        for name, entry in body["adapters"].items():
+            refined = {m for m in entry["methods"] if m.startswith("refine:")}
+            first_lora = name == next(iter(body["adapters"]))
+            assert refined == (runs if target in REFINE_ON and first_lora else set()), (target, name, refined)
+            for method in refined:
+                m = entry["methods"][method]
+                assert m["start"] == "auto" and m["kept"] in ("refined", "start")
+                assert m["holdout_after"] <= m["holdout_before"]
+                assert m["seconds"] >= 0 and m["probe_seconds"] > 0
+    assert "### Summary: training-free transfer, data-free refinement, retraining" in (out / "QUALITY.md").read_text()
