@@ -148,7 +148,7 @@ def test_refine_rows_on_their_targets_only(quick_run: tuple[Path, dict]) -> None
     for target, body in doc["targets"].items():
         for name, entry in body["adapters"].items():
             refined = {m for m in entry["methods"] if m.startswith("refine:")}
-            first_lora = name == next(iter(body["adapters"]))
+            first_lora = entry["kind"] == "lora" and name.split("/")[1] == next(iter(body["adapters"])).split("/")[1]
             assert refined == (runs if target in REFINE_ON and first_lora else set()), (target, name, refined)
             for method in refined:
                 m = entry["methods"][method]
