@@ -6,6 +6,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .apply import LoraXApplyTransferredLoRA
 from .load import LoraXLoadSourceModel
+from .refine import LoraXRefineTransferredLoRA
 from .save import LoraXSaveTransferredLoRA
 from .similarity import LoraXSubspaceSimilarity
 from .transfer import LoraXTransferLoRA
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoraXTransferLoRA,
     LoraXApplyTransferredLoRA,
     LoraXSaveTransferredLoRA,
+    LoraXRefineTransferredLoRA,
 ]
 
 

@@ -61,6 +61,55 @@ TIP_FILE_NAME = (
 
 METHOD_CHOICES: tuple[str, ...] = METHODS
 
+TIP_REFINE_SOURCE_MODEL = (
+    "The base model the LoRA was trained on, loaded as a MODEL (e.g. Load Checkpoint). "
+    "With the source LoRA it is the teacher. Not modified."
+)
+TIP_REFINE_TARGET_MODEL = "The model the LoRA was transferred onto (Transfer LoRA's target). Not modified."
+TIP_TRANSFERRED = (
+    "The LoRA from Transfer LoRA: its diffusion-model factors are the starting point and are optimised; "
+    "text-encoder layers are kept as they are."
+)
+TIP_POSITIVE = (
+    "Your prompts (CLIP Text Encode). Each entry of a combined conditioning (Conditioning (Combine)) "
+    "is a prompt of its own for the generations and the probes."
+)
+TIP_LATENT = (
+    "Size and batch size of the generations (e.g. Empty Latent Image): half are sampled by the source with "
+    "its LoRA, half by the target with the transferred LoRA. A batch of 4 to 8 gives the probes variety."
+)
+TIP_REFINE_LORA_NAME = (
+    "The LoRA file the transfer started from (trained on source_model). Ignored when a LORA_MODEL is connected."
+)
+TIP_REFINE_LORA_MODEL = "Optional: the source LoRA as a LORA_MODEL. Takes precedence over lora_name."
+TIP_OBJECTIVE = (
+    "effect: the LoRA should change the target as it changes the source (keeps the target's look). "
+    "output: the target with the LoRA should reproduce the source with the LoRA (can erase the target's character)."
+)
+TIP_REFINE_STEPS = (
+    "Optimisation steps: each is one forward and backward pass of the target on a batch of probes. "
+    "0 returns the transferred LoRA with its held-out loss."
+)
+TIP_LEARNING_RATE = "Adam learning rate of the LoRA factors (short warm-up, then cosine decay to 0)."
+TIP_PROBES = (
+    "How many synthetic inputs (the generations re-noised at random timesteps) to distil on; "
+    "one in eight is held out to check the result."
+)
+TIP_SAMPLE_STEPS = (
+    "Sampling steps of each generation (euler, simple scheduler). The generations only need to look like "
+    "the models' outputs, not be finished images."
+)
+TIP_CFG = "Guidance scale of the generations; the negative prompt is neutral, or the prompt zeroed out without it."
+TIP_REFINE_SEED = (
+    "Seeds the generations, the probes, the held-out split and the batch order: "
+    "the same inputs and seed give the same LoRA."
+)
+TIP_BATCH = "Probes per step and per teacher pass. Lower it if the GPU runs out of memory."
+TIP_NEUTRAL = (
+    "Optional: the conditioning of an empty prompt (CLIP Text Encode without text). A quarter of the probes "
+    "use it, so the LoRA's effect is learnt for the unconditional branch of guidance too."
+)
+
 
 def transfer_options(method: str, rank: int, threshold: float, device: str) -> TransferOptions:
     """The core's options from the node's widgets (validated by :class:`TransferOptions`)."""

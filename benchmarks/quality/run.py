@@ -137,7 +137,9 @@ class BenchConfig:
         )  # fmt: skip
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Hash of the settings the cached models and adapters depend on (the refine runs are not cached)."""
+        settings = {k: v for k, v in asdict(self).items() if k not in ("refine_runs", "refine")}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _adapters(cfg: BenchConfig) -> list[tuple[str, str, int]]:

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 NODE_IDS = ["LoraXLoadSourceModel", "LoraXSubspaceSimilarity", "LoraXTransferLoRA",
-            "LoraXApplyTransferredLoRA", "LoraXSaveTransferredLoRA"]
+            "LoraXApplyTransferredLoRA", "LoraXSaveTransferredLoRA", "LoraXRefineTransferredLoRA"]
 
 
 def _api(name: str, object_info: dict) -> tuple[dict, dict]:
@@ -135,6 +135,30 @@ def test_transfer_save_writes_a_file_the_stock_loader_loads(server, object_info)
     done = server.run(follow_up)
     assert done["status"]["status_str"] == "success", execution_error(done)
     assert "lora key not loaded" not in server.log_tail(20000)
+
+
+def test_transfer_refine_refines_applies_samples_and_saves(server, object_info):
+    # Small budgets: 64 px generations (8×8 latents), 4 refine steps on 16 probes, 2 sampling steps.
+    api, workflow = _api("transfer_refine.json", object_info)
+    set_inputs(api, "EmptyLatentImage", width=64, height=64)
+    set_inputs(api, "KSampler", steps=2)
+    set_inputs(api, "LoraXRefineTransferredLoRA", steps=4, probes=16, sample_steps=2, batch=4)
+    entry = server.run(api, workflow, timeout=900)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    report = _text(entry, _node(api, "LoraXRefineTransferredLoRA"))
+    assert report.startswith("lorax_tiny_sd15_lora.safetensors: SD15 → SD15\nLoRA-X transfer: 60 of 60 layers")
+    assert "Refined (effect matching): 4 steps, lr 0.002, batch 4, 16 synthetic probes" in report
+    assert "48 diffusion-model layers refined" in report
+    assert entry["outputs"][_node(api, "PreviewImage")]["images"]  # the loss curve
+    images = entry["outputs"][_node(api, "SaveImage")]["images"]
+    assert images and (server.output / images[0]["subfolder"] / images[0]["filename"]).is_file()
+    assert _text(entry, _node(api, "LoraXApplyTransferredLoRA")).startswith("applied 48 model and 12 text-encoder")
+    name = _text(entry, _node(api, "LoraXSaveTransferredLoRA")).split()[1]
+    with safe_open(str(server.loras / name), framework="pt") as f:
+        meta = f.metadata()
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in f.keys())
+    assert meta["lorax.refined"] == "true" and meta["lorax.refine.steps"] == "4"
+    assert meta["lorax.source_lora"] == "lorax_tiny_sd15_lora.safetensors"
 
 
 def test_foreign_lora_ends_in_execution_error_with_our_message(server, object_info):

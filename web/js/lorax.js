@@ -10,6 +10,7 @@ const LORAX_NODES = new Set([
   "LoraXTransferLoRA",
   "LoraXApplyTransferredLoRA",
   "LoraXSaveTransferredLoRA",
+  "LoraXRefineTransferredLoRA",
 ]);
 const WIDGET_NAME = "lorax_report";
 // The report box's minimum height: one text line per report line, between REPORT_MIN_LINES
