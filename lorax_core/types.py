@@ -362,12 +362,19 @@ class TransferReport:
         return json.dumps(json_safe(self.to_dict()), indent=indent, default=json_default, allow_nan=False)
 
     def summary(self, max_rows: int = 12) -> str:
-        """A short human-readable text: totals, skip reasons, and the least similar transferred layers."""
+        """A short human-readable text: totals, a loud note when layers were dropped, skip reasons,
+        and the ``max_rows`` least similar transferred layers (said so; the rest are in the JSON report)."""
         totals = self.totals()
         lines = [
             f"LoRA-X transfer: {totals['transferred']} of {totals['layers']} layers transferred, "
             f"{totals['skipped']} skipped."
         ]
+        if self.skipped:
+            # A partial transfer writes a LoRA that has lost those layers' effect: say it first, not last.
+            lines.append(
+                f"WARNING: {totals['skipped']} of {totals['layers']} layers were NOT transferred; the result has lost "
+                "their effect. Reasons:"
+            )
         reasons: dict[str, int] = {}
         for r in self.skipped:
             reasons[r.reason] = reasons.get(r.reason, 0) + 1
@@ -378,7 +385,15 @@ class TransferReport:
             values = [v for v in (r.phi_left, r.phi_right) if v is not None]
             return min(values) if values else 1.0
 
-        for r in sorted(self.transferred, key=phi)[:max_rows]:
+        shown = sorted(self.transferred, key=phi)[:max_rows]
+        if shown:
+            rest = len(self.transferred) - len(shown)
+            lines.append(
+                f"The {len(shown)} least similar transferred layers (lowest Φ first"
+                + (f"; the other {rest} are in the full report" if rest else "")
+                + "):"
+            )
+        for r in shown:
             kept = "n/a" if r.energy_kept is None else f"{r.energy_kept:.3f}"
             chance = "n/a" if r.chance is None else f"{r.chance:.3f}"
             lines.append(

@@ -438,3 +438,20 @@ def test_auto_copies_conv_layers_behind_the_similarity_gate(make_weight, make_fa
     with pytest.raises(NothingTransferableError, match="similarity below threshold"):
         _run(f, W, rotated, method="auto", rank=R)
     assert _run(f, W, rotated, method="copy", rank=R).report.layers[0].status == "transferred"
+
+
+def test_report_summary_is_loud_about_dropped_layers_and_says_which_rows_it_lists() -> None:
+    from lorax_core.types import LayerReport, TransferReport
+
+    report = TransferReport(options={})
+    for i in range(15):
+        report.layers.append(LayerReport(key=f"l{i}", status="transferred", reason="", method="exact",
+                                         phi_left=0.5 + i / 100, phi_right=0.9, chance=0.1, output_rank=4))  # fmt: skip
+    report.layers.append(LayerReport(key="s", status="skipped", reason="width mismatch", method="exact"))
+    lines = report.summary().splitlines()
+    assert lines[0] == "LoRA-X transfer: 15 of 16 layers transferred, 1 skipped."
+    assert lines[1].startswith("WARNING: 1 of 16 layers were NOT transferred; the result has lost their effect.")
+    assert lines[2] == "  skipped 1: width mismatch"
+    assert lines[3] == "The 12 least similar transferred layers (lowest Φ first; the other 3 are in the full report):"
+    assert lines[4].startswith("  l0: exact, Φ=0.500")
+    assert len(lines) == 4 + 12
