@@ -249,6 +249,11 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     )
     print(result.report.summary())
     print(f"wrote {args.out}" + (f" and {args.report}" if args.report is not None else ""))
+    totals = result.report.totals()
+    if totals["skipped"]:
+        # stdout may be a pipe into a log; a partial transfer must also reach the terminal.
+        print(f"lorax transfer: WARNING: {totals['skipped']} of {totals['layers']} layers were not transferred "
+              "(reasons above and in the report); pass --strict to make this an error.", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -190,3 +190,18 @@ def test_inspect_model_json(files, capsys):
     assert info["text encoders"] == "clip_l"
     assert info["diffusion model weights"] == 16
     assert len(info["fingerprint"]) == 16
+
+
+def test_partial_transfer_warns_on_stderr_and_strict_refuses(files, capsys):
+    tensors = {**kohya_lora(), "lora_unet_input_blocks_1_1_proj_in.hada_w1_a": torch.ones(2, 2)}
+    save_file(tensors, str(files.lora))
+    assert main(transfer_args(files)) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: 1 of 9 layers were NOT transferred" in captured.out
+    assert captured.err == (
+        "lorax transfer: WARNING: 1 of 9 layers were not transferred (reasons above and in the report); "
+        "pass --strict to make this an error.\n"
+    )
+    assert main([*transfer_args(files, out="strict.safetensors"), "--strict"]) == 2
+    assert "strict" in error_line(capsys)
+    assert not (files.dir / "strict.safetensors").exists()
