@@ -84,7 +84,12 @@ TIP_REFINE_LORA_NAME = (
 TIP_REFINE_LORA_MODEL = "Optional: the source LoRA as a LORA_MODEL. Takes precedence over lora_name."
 TIP_OBJECTIVE = (
     "effect: the LoRA should change the target as it changes the source (keeps the target's look). "
-    "output: the target with the LoRA should reproduce the source with the LoRA (can erase the target's character)."
+    "output: the target with the LoRA should reproduce the source with the LoRA (can erase the target's character). "
+    "blend: in between, set by output_weight."
+)
+TIP_OUTPUT_WEIGHT = (
+    "blend only: the share of output matching (0 = effect, 1 = output); the target keeps 1 − output_weight "
+    "of what it does differently from the source."
 )
 TIP_REFINE_STEPS = (
     "Optimisation steps: each is one forward and backward pass of the target on a batch of probes. "

@@ -1,0 +1,505 @@
+"""ComfyUI glue of Refine Transferred LoRA: the models, samplers and adapters ``lorax_core.refine`` runs on.
+
+The core (``lorax_core.refine``) works on abstract denoisers; this module builds them from
+ComfyUI's own machinery (COMFYUI.md §7 "reuse; do not rewrite"):
+
+* the teacher is the source ``MODEL`` + the source LoRA, patched by ComfyUI's loader
+  (``_host.apply_lora``: ``comfy.lora.load_lora`` → ``clone()`` + ``add_patches``);
+* the generations come from ``comfy.sample.sample`` (the KSampler path), half from the teacher
+  and half from the target + the transferred LoRA;
+* every prediction runs inside ComfyUI's guider (``Guider_Basic.sample``) through a
+  ``comfy.samplers.Sampler`` whose ``sample`` runs our loop instead of sampling — the pattern of
+  ``comfy_extras.nodes_train.TrainSampler``. The guider loads the model onto the GPU, encodes the
+  conditionings (cross-attention, ``y``/pooled, any family's extra conds) and applies the
+  model's patches;
+* the noise comes from the model's ``model_sampling`` (``sigma(timestep)``, ``noise_scaling``);
+* the student is a clone of the target with ComfyUI's training weight adapters
+  (``comfy.weight_adapter.lora.LoraDiff``) as weight wrappers, trained under
+  ``torch.inference_mode(False)`` with gradient checkpointing, as ``TrainLoraNode`` does.
+
+Predictions are compared as ``(x − denoised) / σ``: the ε prediction of ε/v models and the
+velocity of flow models. Raw ``denoised`` (x0) is dominated by the input at low σ and would
+weight the timesteps very unevenly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import folder_paths
+import torch
+from comfy.weight_adapter.lora import LoraDiff
+from comfy_extras.nodes_custom_sampler import Guider_Basic
+from comfy_extras.nodes_train import (
+    find_all_highest_child_module_with_forward,
+    patch,
+    process_cond_list,
+    unpatch,
+)
+
+from ..lorax_core.errors import FormatError, IncompatibleBaseError, NothingTransferableError, OptionError
+from ..lorax_core.formats.base import pair_tensors
+from ..lorax_core.formats.io import load_tensors
+from ..lorax_core.formats.keys import COMFY_STYLE
+from ..lorax_core.refine import (
+    Probes,
+    RefineOptions,
+    RefineResult,
+    distillation_targets,
+    factors_like,
+    make_probes,
+    predict,
+    refine,
+)
+from ..lorax_core.types import LoraFactors
+from . import _host
+
+# ComfyUI's KSampler defaults: a sampler and scheduler every model family supports.
+SAMPLER_NAME = "euler"
+SCHEDULER = "simple"
+
+Conditioning = list[list[Any]]  # ComfyUI's CONDITIONING: [[cross-attention tensor, {extras}], ...]
+Body = Callable[[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]], Any]
+
+
+@dataclass
+class RefineSetup:
+    """Everything one refinement needs, checked (:func:`prepare`).
+
+    Attributes:
+        teacher: the source ``MODEL`` with the source LoRA (a patched clone).
+        source: the source ``MODEL`` as given (the teacher's base).
+        target: the target ``MODEL`` as given.
+        start: the target with the transferred LoRA (a patched clone): the student's start.
+        layers: ``{target model key: LoraFactors}`` of the diffusion-model layers to refine.
+        conds: the host's list of conditionings, each a ``CONDITIONING``: one per entry of
+            ``positive`` (one prompt each), then the neutral prompt when given.
+        prompts: how many of ``conds`` are the user's prompts.
+        null_cond: index of the neutral prompt in ``conds``, or ``None``.
+        latent: ``(B, C, …)`` the generations' shape (channels fitted to the model).
+    """
+
+    teacher: Any
+    source: Any
+    target: Any
+    start: Any
+    layers: dict[str, LoraFactors]
+    conds: list[Conditioning]
+    prompts: int
+    null_cond: int | None
+    latent: torch.Tensor
+
+    @property
+    def negative(self) -> Conditioning:
+        """The generations' negative prompt: the neutral one, else the prompt zeroed out."""
+        if self.null_cond is not None:
+            return self.conds[self.null_cond]
+        return _zero_out(self.conds[0])
+
+
+@dataclass
+class RefineOutcome:
+    """What :func:`run` produced: the refined layers, the core's result and the generation counts."""
+
+    layers: dict[str, LoraFactors]
+    result: RefineResult
+    generations: tuple[int, int]
+
+
+class Progress:
+    """One ComfyUI progress bar over generation, teacher passes and training (a cancel point each tick)."""
+
+    def __init__(self, total: int) -> None:
+        self.done = 0
+        self.total = max(1, total)
+        self._update = _host.progress_callback()
+
+    def tick(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        self._update(self.done, self.total)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def source_lora_tensors(name: str | None, lora: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The source LoRA's tensors as ComfyUI's loader takes them: the ``LORA_MODEL`` input, else the file."""
+    if lora is not None:
+        return dict(lora)
+    if not name:
+        raise FormatError("no source LoRA: pick the file the transfer started from in lora_name, "
+                          "or connect it as a LORA_MODEL input.")  # fmt: skip
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise FormatError(f"LoRA {name!r} is not in ComfyUI's loras folders; refresh the page (R) and pick it again.")
+    return load_tensors(path)[0]
+
+
+def refinable_layers(transferred: Any, target: Any) -> dict[str, LoraFactors]:
+    """The diffusion-model layers of a Transfer LoRA result, checked against the target ``MODEL``.
+
+    Text-encoder layers are not refined (only the diffusion model is distilled) and pass
+    through unchanged.
+
+    Raises:
+        FormatError: a plain ``LORA_MODEL`` (no layer map to write the result back with).
+        NothingTransferableError: no diffusion-model layer.
+        IncompatibleBaseError: a layer that is not in the target, or whose shape does not fit.
+    """
+    if not isinstance(transferred, _host.TransferredLora):
+        raise FormatError(
+            f"transferred is a plain LORA_MODEL ({len(transferred)} tensors) without the transfer's layer map; "
+            "connect the lora output of Transfer LoRA (its method copy takes a LoRA that already fits the target)."
+        )
+    layers = {k: f for k, f in transferred.factors.items() if k.startswith(_host.UNET_PREFIX)}
+    if not layers:
+        raise NothingTransferableError(
+            f"the transferred LoRA has no diffusion-model layer to refine ({len(transferred.factors)} text-encoder "
+            "layers, kept as they are); transfer a LoRA that changes the diffusion model."
+        )
+    state = target.model_state_dict()
+    misfits = []
+    for key, f in layers.items():
+        if key not in state:
+            misfits.append(f"{key} is not in the model")
+        elif (f.out_features, f.in_features) != (state[key].shape[0], state[key][0].numel()):
+            misfits.append(f"{key}: the LoRA changes a {f.out_features}×{f.in_features} weight, the model's is "
+                           f"{state[key].shape[0]}×{state[key][0].numel()}")  # fmt: skip
+    if misfits:
+        raise IncompatibleBaseError(
+            f"{len(misfits)} of the transferred LoRA's {len(layers)} layers do not fit this "
+            f"{_host.model_family(target)} target_model (e.g. {misfits[0]}); "
+            "connect the model Transfer LoRA's target was."
+        )
+    return layers
+
+
+def generation_latent(latent: Mapping[str, Any], model: Any) -> torch.Tensor:
+    """The ``LATENT``'s samples with the model's channel count (``fix_empty_latent_channels``), checked."""
+    samples = latent.get("samples") if isinstance(latent, Mapping) else None
+    if not isinstance(samples, torch.Tensor) or samples.is_nested or samples.ndim < 3:
+        raise OptionError("latent must be a LATENT such as Empty Latent Image's output (its size and batch size "
+                          "are the generations').")  # fmt: skip
+    if samples.shape[0] == 0:
+        raise OptionError("latent has batch size 0; give Empty Latent Image a batch size of 2 or more.")
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    fmt = model.get_model_object("latent_format")
+    want = (fmt.latent_channels, 2 + fmt.latent_dimensions)
+    if (samples.shape[1], samples.ndim) != want:
+        raise OptionError(
+            f"latent has shape {tuple(samples.shape)} but {_host.model_family(model)} models take {want[0]}-channel "
+            f"{want[1] - 2}-D latents; connect an Empty Latent Image made for this model."
+        )
+    return samples
+
+
+def prepare(source_model: Any, target_model: Any, transferred: Any, positive: Conditioning,
+            neutral: Conditioning | None, latent: Mapping[str, Any], lora_name: str | None,
+            lora: Mapping[str, torch.Tensor] | None) -> RefineSetup:
+    """Check the node's inputs and build the teacher and the student's start (patched clones; inputs untouched).
+
+    Raises:
+        LoraxError: any input that does not fit (the message names it and the fix).
+    """
+    layers = refinable_layers(transferred, target_model)
+    source_fmt = type(source_model.get_model_object("latent_format"))
+    target_fmt = type(target_model.get_model_object("latent_format"))
+    if source_fmt is not target_fmt:
+        raise IncompatibleBaseError(
+            f"source_model ({_host.model_family(source_model)}) and target_model ({_host.model_family(target_model)}) "
+            "work in different latent spaces; refine between models of one family."
+        )
+    if not positive:
+        raise OptionError("positive holds no prompt; connect a CLIP Text Encode with a prompt the LoRA is used with.")
+    samples = generation_latent(latent, target_model)
+    try:
+        teacher = _host.apply_lora(source_model, None, source_lora_tensors(lora_name, lora), 1.0, 0.0).model
+    except IncompatibleBaseError:
+        raise IncompatibleBaseError(
+            f"the source LoRA does not fit source_model ({_host.model_family(source_model)}); connect the base model "
+            "the LoRA was trained on (the one Transfer LoRA's source is) and the same LoRA."
+        ) from None
+    start = _host.apply_lora(target_model, None, transferred, 1.0, 0.0).model
+    conds: list[Conditioning] = [[entry] for entry in positive]
+    null_cond = None
+    if neutral:
+        null_cond = len(conds)
+        conds.append(list(neutral))
+    return RefineSetup(teacher=teacher, source=source_model, target=target_model, start=start, layers=layers,
+                       conds=conds, prompts=len(positive), null_cond=null_cond, latent=samples)
+
+
+def _zero_out(conditioning: Conditioning) -> Conditioning:
+    """What ComfyUI's ConditioningZeroOut does: zero cross-attention and pooled outputs."""
+    out = []
+    for tensor, extras in conditioning:
+        extras = dict(extras)
+        if extras.get("pooled_output") is not None:
+            extras["pooled_output"] = torch.zeros_like(extras["pooled_output"])
+        out.append([torch.zeros_like(tensor), extras])
+    return out
+
+
+# --------------------------------------------------------------------------- running models
+
+
+class _Runner(comfy.samplers.Sampler):
+    """A ComfyUI sampler that runs ``body(denoiser)`` instead of sampling (``TrainSampler``'s pattern).
+
+    ``Guider_Basic.sample`` calls :meth:`sample` with the model loaded on its device and the
+    conditionings processed. The denoiser runs each conditioning's probes as one sub-batch:
+    ComfyUI's ``calc_cond_batch`` applies every conditioning in ``conds["positive"]`` to the
+    whole batch and averages them, so a batch must not mix prompts.
+    """
+
+    def __init__(self, body: Body, groups: Sequence[Sequence[int]]) -> None:
+        self.body = body
+        self.groups = [list(g) for g in groups]
+        self.result: Any = None
+
+    def sample(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict[str, Any], callback: Any,
+               noise: torch.Tensor, latent_image: torch.Tensor | None = None, denoise_mask: torch.Tensor | None = None,
+               disable_pbar: bool = False) -> torch.Tensor:
+        # Conditioning tensors made under inference mode cannot be saved for backward; clone them.
+        model_wrap.conds = process_cond_list(model_wrap.conds)
+        entries = model_wrap.conds["positive"]
+        groups = [[entries[i] for i in g] for g in self.groups]
+        device = noise.device
+
+        def denoiser(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            x, sigma = x.to(device), t.to(device, torch.float32)
+            pieces, order = [], []
+            for k in torch.unique(cond).tolist():
+                index = (cond == k).nonzero().flatten()
+                model_wrap.conds["positive"] = groups[k]
+                xi, si = x[index.to(device)], sigma[index.to(device)]
+                denoised = model_wrap(xi, si, **extra_args)
+                pieces.append((xi - denoised.float()) / si.reshape(-1, *[1] * (xi.ndim - 1)))
+                order.append(index)
+            inverse = torch.argsort(torch.cat(order))
+            return torch.cat(pieces)[inverse.to(device)]
+
+        self.result = self.body(denoiser)
+        return torch.zeros_like(noise)
+
+
+def _flat(conds: Sequence[Conditioning]) -> tuple[Conditioning, list[list[int]]]:
+    flat: Conditioning = []
+    groups = []
+    for conditioning in conds:
+        groups.append(list(range(len(flat), len(flat) + len(conditioning))))
+        flat.extend(conditioning)
+    return flat, groups
+
+
+def with_denoiser(model: Any, conds: Sequence[Conditioning], batch_shape: Sequence[int], body: Body, seed: int) -> Any:
+    """Run ``body(denoiser)`` with ``model`` loaded by ComfyUI's guider; return what ``body`` returned."""
+    flat, groups = _flat(conds)
+    guider = Guider_Basic(model)
+    guider.set_conds(flat)
+    runner = _Runner(body, groups)
+    zeros = torch.zeros(tuple(batch_shape))
+    sampling = model.get_model_object("model_sampling")
+    sigmas = torch.tensor([float(sampling.sigma_max), 0.0])
+    guider.sample(zeros, zeros, runner, sigmas, seed=seed)
+    return runner.result
+
+
+def model_noiser(model: Any) -> Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    """The core's Noiser for ``model``: uniform timesteps over its schedule, ``x_t = noise_scaling(σ, ε, x0)``."""
+    sampling = model.get_model_object("model_sampling")
+    low = float(sampling.timestep(sampling.sigma_min))
+    high = float(sampling.timestep(sampling.sigma_max))
+
+    def noiser(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        timestep = low + torch.rand(x0.shape[0], generator=generator) * (high - low)
+        sigma = sampling.sigma(timestep).to("cpu", torch.float32)
+        noise = torch.randn(x0.shape, generator=generator)
+        return sampling.noise_scaling(sigma, noise, x0, False), sigma
+
+    return noiser
+
+
+def generate(setup: RefineSetup, steps: int, cfg: float, seed: int,
+             progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
+    """The models' own samples: ``(latents (B, C, …) in the model's latent space, prompt index (B,))``.
+
+    The first half of the batch comes from the teacher, the rest from the target with the
+    transferred LoRA; each half cycles through the prompts.
+    """
+    batch = setup.latent.shape[0]
+    noise = comfy.sample.prepare_noise(setup.latent, seed)
+    out = torch.empty(setup.latent.shape, dtype=torch.float32)
+    prompt_of = torch.empty(batch, dtype=torch.int64)
+    first = math.ceil(batch / 2)
+    for model, part in ((setup.teacher, range(first)), (setup.start, range(first, batch))):
+        for prompt in range(setup.prompts):
+            index = torch.tensor([i for j, i in enumerate(part) if j % setup.prompts == prompt], dtype=torch.int64)
+            if len(index) == 0:
+                continue
+            samples = comfy.sample.sample(
+                model, noise[index], steps, cfg, SAMPLER_NAME, SCHEDULER, setup.conds[prompt], setup.negative,
+                setup.latent[index], callback=lambda *_: progress.tick(), disable_pbar=True, seed=seed,
+            )
+            out[index] = samples.to("cpu", torch.float32)
+            prompt_of[index] = prompt
+    return out, prompt_of
+
+
+def generation_calls(setup: RefineSetup) -> int:
+    """How many ``comfy.sample.sample`` calls :func:`generate` makes (for the progress total)."""
+    batch = setup.latent.shape[0]
+    first = math.ceil(batch / 2)
+    return min(setup.prompts, first) + min(setup.prompts, batch - first)
+
+
+def predictions(model: Any, setup: RefineSetup, probes: Probes, batch: int, seed: int,
+                progress: Progress) -> torch.Tensor:
+    """``model``'s ε/flow-space predictions on every probe (no grad), float32 on the CPU."""
+
+    def body(denoiser: Callable[..., torch.Tensor]) -> torch.Tensor:
+        def ticking(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            out = denoiser(x, t, cond)
+            progress.tick()
+            return out
+
+        return predict(ticking, probes, batch, check=comfy.model_management.throw_exception_if_processing_interrupted)
+
+    return with_denoiser(model, setup.conds, (min(batch, len(probes)), *probes.x.shape[1:]), body, seed)
+
+
+def _copy_weight(weight: torch.Tensor) -> torch.Tensor:
+    # Any weight (or bias) function makes ComfyUI's ops hand it a fresh copy of the tensor; that
+    # copy is an ordinary tensor even when the stored one was made under inference mode (every
+    # MODEL a node loads), which autograd refuses to save for the backward pass (layer norms
+    # save their weight and bias, linear layers their weight).
+    return weight
+
+
+def _student(target: Any, layers: Mapping[str, LoraFactors]) -> tuple[Any, dict[str, LoraDiff]]:
+    """A clone of ``target`` with a trainable ``LoraDiff`` (float32) on each layer, and those adapters."""
+    student = target.clone()
+    if student.model_dtype() == torch.float16 and comfy.model_management.should_use_bf16(student.load_device):
+        # There is no loss scaling here, and the gradients of a distillation loss are tiny:
+        # float16 activations would flush them to zero. bfloat16 has float32's range (Train
+        # LoRA computes in bfloat16 by default for the same reason).
+        student.set_model_compute_dtype(torch.bfloat16)
+    adapters = {}
+    for key, f in layers.items():
+        # LoraDiff's scale is alpha / rank; LoraFactors.scale is alpha / rank, or 1 without alpha.
+        adapters[key] = LoraDiff((f.up2d().float(), f.down2d().float(), f.scale * f.rank, None, None, None))
+        student.add_weight_wrapper(key, adapters[key])
+    for name, module in student.model.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        for part in ("weight", "bias"):
+            key = f"{name}.{part}"
+            if getattr(module, part, None) is not None and key not in adapters:
+                student.add_weight_wrapper(key, _copy_weight)
+    return student, adapters
+
+
+@contextmanager
+def _trainable(student: Any, adapters: Mapping[str, LoraDiff]) -> Iterator[None]:
+    """Load ``student`` for training; undo on the way out what that changed on the shared model.
+
+    The clone shares its modules with the target ``MODEL``, so the weight functions ComfyUI
+    installs on them, the checkpointed forwards and ``requires_grad`` are all restored, also on
+    Cancel or error.
+    """
+    grads = {p: p.requires_grad for p in student.model.parameters()}
+    blocks = find_all_highest_child_module_with_forward(student.model.diffusion_model)
+    try:
+        student.model.requires_grad_(False)
+        # Activations of one block at a time (recomputed in the backward pass), gradients for the
+        # LoRA factors only and one model on the GPU are what is meant to make SDXL trainable in
+        # 12–16 GB (not measured yet).
+        for module in blocks:
+            patch(module)
+        # The target may still be loaded (its own predictions just ran), and ComfyUI does not
+        # re-patch a loaded model for a clone without new weight patches, so the weight wrappers
+        # would never be installed: detach it first. Then free the GPU of every other model
+        # (Train LoRA's memory_required=1e20) and load the student.
+        student.detach()
+        comfy.model_management.load_models_gpu([student], memory_required=1e20, force_full_load=True)
+        yield
+    finally:
+        for module in blocks:
+            unpatch(module)
+        ours = {id(f) for f in (*adapters.values(), _copy_weight)}
+        for module in student.model.modules():
+            for attr in ("weight_function", "bias_function"):
+                if getattr(module, attr, None):
+                    setattr(module, attr, [f for f in getattr(module, attr) if id(f) not in ours])
+        for p, flag in grads.items():
+            if p.requires_grad != flag:
+                # ComfyUI's weights keep requires_grad=True; an inference tensor's flag can only
+                # be set back to True inside inference mode.
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(flag)
+
+
+def train(setup: RefineSetup, probes: Probes, targets: torch.Tensor, baseline: torch.Tensor | None,
+          options: RefineOptions, progress: Progress) -> tuple[dict[str, LoraFactors], RefineResult]:
+    """Optimise the transferred factors on a clone of the target; return them in their original layout."""
+    with torch.inference_mode(False):
+        student, adapters = _student(setup.target, setup.layers)
+        params = [p for a in adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
+
+        def body(denoiser: Callable[..., torch.Tensor]) -> RefineResult:
+            return refine(params, denoiser, probes, targets, options, baseline=baseline,
+                          progress=lambda done, total: progress.tick(),
+                          check=comfy.model_management.throw_exception_if_processing_interrupted)
+
+        with _trainable(student, adapters):
+            shape = (min(options.batch, len(probes)), *probes.x.shape[1:])
+            result = with_denoiser(student, setup.conds, shape, body, options.seed)
+    refined = {key: factors_like(setup.layers[key], a.lora_up.weight, a.lora_down.weight)
+               for key, a in adapters.items()}
+    return refined, result
+
+
+def run(setup: RefineSetup, options: RefineOptions, probe_count: int, sample_steps: int, cfg: float,
+        seed: int) -> RefineOutcome:
+    """Generate, run the teachers one model at a time, then train the student.
+
+    The teacher predictions are computed model by model (source + LoRA, source, target), each
+    in its own guider call, and kept on the CPU: only one diffusion model needs to be on the
+    GPU at any time (ComfyUI offloads the others when VRAM is short), which is what is meant to
+    make SDXL fit 12–16 GB (not measured yet). Training then frees the GPU of every other model.
+    """
+    # output matching needs no prediction of the source without its LoRA.
+    passes = 2 if options.objective == "output" else 3
+    chunks = math.ceil(probe_count / options.batch)
+    progress = Progress(generation_calls(setup) * sample_steps + passes * chunks + options.steps)
+    latents, prompt_of = generate(setup, sample_steps, cfg, seed, progress)
+    clean = setup.target.model.process_latent_in(latents)
+    probes = make_probes(clean, prompt_of, model_noiser(setup.target), probe_count, null_cond=setup.null_cond,
+                         seed=seed)
+    teacher = predictions(setup.teacher, setup, probes, options.batch, seed, progress)
+    teacher_base = predictions(setup.source, setup, probes, options.batch, seed, progress) if passes == 3 else None
+    target_base = predictions(setup.target, setup, probes, options.batch, seed, progress)
+    targets = distillation_targets(options.objective, teacher, teacher_base, target_base, options.output_weight)
+    refined, result = train(setup, probes, targets, target_base, options, progress)
+    first = math.ceil(setup.latent.shape[0] / 2)
+    return RefineOutcome(layers=refined, result=result, generations=(first, setup.latent.shape[0] - first))
+
+
+def wrap_refined(transferred: Any, refined: Mapping[str, LoraFactors], metadata: Mapping[str, str]) -> Any:
+    """A ``TransferredLora`` like ``transferred`` with the refined layers: same keys, layer names and key style."""
+    out = _host.TransferredLora(transferred)
+    for key, factors in refined.items():
+        out.update(pair_tensors(key.removesuffix(".weight"), factors, COMFY_STYLE))
+    out.factors = {**transferred.factors, **refined}
+    out.layer_names = dict(transferred.layer_names)
+    out.lora_file = transferred.lora_file
+    out.metadata = {**transferred.metadata, **metadata}
+    out.report = transferred.report
+    return out
