@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,12 +18,7 @@ KOHYA = f"lora_unet_{LINEAR.replace('.', '_')}"
 CHECKPOINT_KEY = f"model.diffusion_model.{LINEAR}.weight"
 
 
-@dataclass
-class Files:
-    dir: Path
-    source: Path
-    target: Path
-    lora: Path
+from make_fixtures import Files  # noqa: E402  (after the sys.path line above)
 
 
 def raw_file(path: Path, header: object, data: bytes = b"") -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -13,12 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(FIXTURES))  # make_fixtures.py is a script, not a package
 
 
-@dataclass
-class Files:
-    dir: Path
-    source: Path
-    target: Path
-    lora: Path
+from make_fixtures import Files  # noqa: E402  (after the sys.path line above)
+
+__all__ = ["FIXTURES", "ROOT", "Files", "run_cli"]
 
 
 def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
