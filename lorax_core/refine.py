@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -301,9 +301,6 @@ class RefineResult:
         if self.kept == "start":
             lines.append("The held-out loss did not improve, so the starting (transferred) LoRA was kept.")
         return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, object]:
-        return {**asdict(self), "options": asdict(self.options)}
 
 
 def _lr_at(step: int, steps: int, lr: float) -> float:

@@ -33,9 +33,10 @@ from lorax_core.refine import (
 from lorax_core.types import LoraFactors
 
 from . import data
+from .evaluate import merge
 from .model import Diffusion, TextEncoder, ToyLDM, ddim_sample, to_latent
 
-__all__ = ["DistillConfig", "Refined", "Teacher", "add_refined", "refine_on_target"]
+__all__ = ["DistillConfig", "Refined", "Teacher", "add_refined"]
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,6 @@ class DistillConfig:
 class Refined:
     layers: dict[str, LoraFactors]
     result: RefineResult
-    seconds: float  # generations + teacher passes + optimisation
-
-
-def _merged(model: ToyLDM, layers: Mapping[str, LoraFactors]) -> dict[str, torch.Tensor]:
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    for key, f in layers.items():
-        w = state[key]
-        state[key] = w + (f.scale * f.up2d().float() @ f.down2d().float()).reshape(w.shape)
-    return state
 
 
 def _denoiser(model: ToyLDM, state: Mapping[str, torch.Tensor], text: TextEncoder):
@@ -99,7 +91,7 @@ class Teacher:
                  cfg: DistillConfig) -> None:  # fmt: skip
         started = time.perf_counter()
         self.text, self.cfg, self.target, self.start = text, cfg, target, dict(start)
-        src_lora, tgt_start = _merged(source, source_layers), _merged(target, start)
+        src_lora, tgt_start = merge(source.state_dict(), source_layers), merge(target.state_dict(), start)
         half = cfg.generations
         lat_a, lab_a = _generate(source, src_lora, text, diffusion, half, cfg, 5000 + cfg.seed)
         lat_b, lab_b = _generate(target, tgt_start, text, diffusion, half, cfg, 6000 + cfg.seed)
@@ -111,13 +103,12 @@ class Teacher:
         self.probes: Probes = make_probes(torch.cat([lat_a, lat_b]), torch.cat([lab_a, lab_b]), noiser, cfg.probes,
                                           null_cond=text.null_index, seed=cfg.seed)  # fmt: skip
         self.teacher = predict(_denoiser(source, src_lora, text), self.probes, 64)
-        self.teacher_base = predict(_denoiser(source, _merged(source, {}), text), self.probes, 64)
-        self.target_base = predict(_denoiser(target, _merged(target, {}), text), self.probes, 64)
+        self.teacher_base = predict(_denoiser(source, source.state_dict(), text), self.probes, 64)
+        self.target_base = predict(_denoiser(target, target.state_dict(), text), self.probes, 64)
         self.seconds = time.perf_counter() - started
 
     def refine(self, objective: str, steps: int) -> Refined:
         """Refine the starting LoRA for ``steps`` steps with ``objective``; a fresh copy each call."""
-        started = time.perf_counter()
         trainable = TrainableLora(self.start)
         base = {k: v.detach() for k, v in self.target.state_dict().items()}
         index = {key: i for i, key in enumerate(trainable.keys)}
@@ -133,14 +124,7 @@ class Teacher:
         options = RefineOptions(objective=objective, steps=steps, lr=self.cfg.lr, batch=self.cfg.batch,  # type: ignore[arg-type]
                                 seed=self.cfg.seed, output_weight=self.cfg.output_weight)  # fmt: skip
         result = refine(list(trainable.parameters()), student, self.probes, targets, options, baseline=self.target_base)
-        return Refined(trainable.export(), result, self.seconds + time.perf_counter() - started)
-
-
-def refine_on_target(source: ToyLDM, source_layers: Mapping[str, LoraFactors], target: ToyLDM,
-                     start: Mapping[str, LoraFactors], text: TextEncoder, diffusion: Diffusion, objective: str,
-                     steps: int, cfg: DistillConfig | None = None) -> Refined:  # fmt: skip
-    """One-shot convenience: build the probes and refine once."""
-    return Teacher(source, source_layers, target, start, text, diffusion, cfg or DistillConfig()).refine(objective, steps)
+        return Refined(trainable.export(), result)
 
 
 class _Cell(Protocol):

@@ -18,7 +18,6 @@ KOHYA = f"lora_unet_{LINEAR.replace('.', '_')}"
 CHECKPOINT_KEY = f"model.diffusion_model.{LINEAR}.weight"
 
 
-from make_fixtures import Files  # noqa: E402  (after the sys.path line above)
 
 
 def raw_file(path: Path, header: object, data: bytes = b"") -> Path:
@@ -32,19 +31,3 @@ def f32(*values: float) -> bytes:
     return torch.tensor(values, dtype=torch.float32).numpy().tobytes()
 
 
-def transfer_argv(files: Files, out: str | Path = "out.safetensors", *extra: str, **over: object) -> list[str]:
-    """``transfer`` arguments for the tiny files (rank 16, no cache, no progress bar)."""
-    args: dict[str, object] = {"--source": files.source, "--target": files.target, "--lora": files.lora,
-                               "--out": files.dir / out, "--rank": 16}  # fmt: skip
-    args.update({k if k.startswith("--") else f"--{k.replace('_', '-')}": v for k, v in over.items()})
-    flat = ["transfer", "--quiet", "--no-cache", *extra]
-    for k, v in args.items():
-        flat += [k, str(v)]
-    return flat
-
-
-def one_error_line(capsys) -> str:
-    """The single stderr line of a failed command (asserts it is exactly one line)."""
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err.strip()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _badinput_helpers  # noqa: F401  (puts tests/fixtures on sys.path; must precede make_fixtures)
 import pytest
-from _badinput_helpers import Files
-from make_fixtures import kohya_lora, sd_checkpoint
+from make_fixtures import Files, kohya_lora, sd_checkpoint
 from safetensors.torch import save_file
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _badinput_helpers import CHECKPOINT_KEY, KOHYA, Files, one_error_line, transfer_argv
-from make_fixtures import kohya_lora, sd_checkpoint
+from _badinput_helpers import CHECKPOINT_KEY, KOHYA
+from make_fixtures import Files, kohya_lora, one_error_line, sd_checkpoint, transfer_argv
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from _badinput_helpers import one_error_line, transfer_argv
+from make_fixtures import one_error_line, transfer_argv
 
 from lorax_core.cli import main
 from lorax_core.errors import OptionError

@@ -11,8 +11,8 @@ import re
 
 import pytest
 import torch
-from _badinput_helpers import KOHYA, Files, one_error_line, transfer_argv
-from make_fixtures import kohya_lora, sd_checkpoint
+from _badinput_helpers import KOHYA
+from make_fixtures import Files, kohya_lora, one_error_line, sd_checkpoint, transfer_argv
 from safetensors.torch import save_file
 
 from lorax_core.cli import main

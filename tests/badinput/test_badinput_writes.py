@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _badinput_helpers import one_error_line, transfer_argv
+from make_fixtures import one_error_line, transfer_argv
 
 import lorax_core.formats.io as io_module
 from lorax_core.cli import main

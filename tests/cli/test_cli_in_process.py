@@ -7,28 +7,14 @@ import re
 
 import pytest
 import torch
-from make_fixtures import WIDTH, kohya_lora, sd_checkpoint
+from make_fixtures import WIDTH, kohya_lora, one_error_line, sd_checkpoint, transfer_argv
 from safetensors.torch import save_file
 
 from lorax_core.cli import main
 from lorax_core.formats import read_lora, write_lora
 from lorax_core.types import LoraXFactors
 
-
-def transfer_args(files, out="out.safetensors", **over):
-    args = {"--source": files.source, "--target": files.target, "--lora": files.lora,
-            "--out": files.dir / out, "--rank": 16}  # fmt: skip
-    args.update(over)
-    flat = ["transfer", "--quiet", "--no-cache"]
-    for k, v in args.items():
-        flat += [k, str(v)]
-    return flat
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err.strip()
+transfer_args, error_line = transfer_argv, one_error_line
 
 
 def test_help_lists_every_option(capsys):
