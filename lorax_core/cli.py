@@ -170,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = commands[args.command](args)
         except LoraxError as exc:
             message = " ".join(str(exc).split())
+            if isinstance(exc, OutputExistsError):  # the core names the option; we name the flag
+                message = message.replace(OutputExistsError.FIX, "pass --overwrite")
             print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
             status = 2
         # Flush here, not at interpreter exit, so that a closed pipe is caught below.
@@ -556,18 +558,61 @@ def _human_bytes(n: int) -> str:
 # ---------------------------------------------------------------- helpers
 
 
+#: Seconds between progress lines when stderr is not a terminal (a log file, a CI job, ``2>&1 | tee``).
+LOG_PROGRESS_INTERVAL_S = 10.0
+
+
+class _LogLines:
+    """A file-like stderr wrapper that turns tqdm's carriage-return redraws into whole lines.
+
+    tqdm redraws its bar in place with ``\\r``; in a log that is one ever-growing line that
+    appears only at the end. Each redraw here becomes its own ``\\n``-terminated line.
+    """
+
+    def __init__(self, stream: object) -> None:
+        self._stream = stream
+        self._last = ""
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line and line != self._last:  # the final update and close() draw the same line
+            self._stream.write(f"{PROG}: {line}\n")  # type: ignore[attr-defined]
+            self._last = line
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()  # type: ignore[attr-defined]
+
+
 @contextmanager
 def _progress(desc: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
-    """A ``progress(done, total)`` callback driving a tqdm bar on stderr."""
+    """A ``progress(done, total)`` callback driving a tqdm bar on stderr.
+
+    On a terminal the bar redraws in place. Anywhere else (stderr piped to a log) tqdm writes a
+    plain line at most every :data:`LOG_PROGRESS_INTERVAL_S` seconds, plus the final count, so
+    that a long run shows it is alive. ``--quiet`` silences both.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(total=0, desc=desc, unit="layer", disable=True if quiet else None, leave=False, file=sys.stderr)
+    tty = sys.stderr.isatty()
+    bar = tqdm(
+        total=0,
+        desc=desc,
+        unit="layer",
+        disable=quiet,
+        leave=not tty,  # on a terminal the finished bar is erased; in a log the last line stays
+        file=sys.stderr if tty else _LogLines(sys.stderr),
+        mininterval=0.1 if tty else LOG_PROGRESS_INTERVAL_S,
+        bar_format=None
+        if tty
+        else "{desc}: {n_fmt}/{total_fmt} layers ({percentage:.0f}%), {elapsed} elapsed, {remaining} left",
+        delay=0 if tty else LOG_PROGRESS_INTERVAL_S,  # a short run prints nothing, as before
+    )
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
             bar.total = total
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)  # update() (not refresh) honours mininterval
 
     try:
         yield update

@@ -72,7 +72,13 @@ class LayerSkippedError(LoraxError):
 
 
 class OutputExistsError(LoraxError):
-    """The output file already exists and overwriting was not asked for."""
+    """The output file already exists and overwriting was not asked for.
+
+    The core's message ends with :data:`FIX` (it speaks of the option, not of a flag or a
+    widget); each front end replaces it with its own wording (the CLI: ``pass --overwrite``).
+    """
+
+    FIX = "allow overwriting"
 
 
 class OutputError(FormatError):

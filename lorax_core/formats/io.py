@@ -411,7 +411,7 @@ def check_output_path(
         if os.path.lexists(p):
             if not overwrite:
                 what = "a dangling symbolic link" if p.is_symlink() and not p.exists() else "the file"
-                raise OutputExistsError(f"{p}: {what} already exists; choose another name or allow overwriting.")
+                raise OutputExistsError(f"{p}: {what} already exists; choose another name or {OutputExistsError.FIX}.")
             if p.exists() and not p.is_file():
                 raise OutputError(f"{p}: not a regular file (a device, pipe or socket); choose another name.")
     except OSError as exc:  # a name the OS refuses, a symlink loop, permissions on a parent…
@@ -605,7 +605,7 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
         os.link(tmp, final)  # atomic and never replaces: fails if anything (even a dangling link) is there
     except FileExistsError:
         raise OutputExistsError(
-            f"{final}: the file already exists; choose another name or allow overwriting."
+            f"{final}: the file already exists; choose another name or {OutputExistsError.FIX}."
         ) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
@@ -613,7 +613,7 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
         # File systems without hard links (FAT, some network shares): check, then rename.
         if os.path.lexists(final):
             raise OutputExistsError(
-                f"{final}: the file already exists; choose another name or allow overwriting."
+                f"{final}: the file already exists; choose another name or {OutputExistsError.FIX}."
             ) from None
         tmp.replace(final)
 

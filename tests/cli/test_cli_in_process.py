@@ -115,7 +115,7 @@ def test_output_exists_unless_overwrite(files, capsys):
     assert main(transfer_args(files)) == 2
     assert error_line(capsys) == (
         f"lorax_core transfer: error: {files.dir / 'out.safetensors'}: the file already exists; "
-        "choose another name or allow overwriting."
+        "choose another name or pass --overwrite."
     )
     assert (files.dir / "out.safetensors").read_bytes() == b"keep me"
     assert main([*transfer_args(files), "--overwrite"]) == 0
@@ -191,3 +191,27 @@ def test_partial_transfer_warns_on_stderr_and_strict_refuses(files, capsys):
     assert main([*transfer_args(files, out="strict.safetensors"), "--strict"]) == 2
     assert "strict" in error_line(capsys)
     assert not (files.dir / "strict.safetensors").exists()
+
+
+def test_progress_lines_when_stderr_is_a_log(files, capsys, monkeypatch):
+    """Issue 12 item 6: piped to a log, a transfer still shows progress, as whole lines."""
+    import lorax_core.cli as cli
+
+    monkeypatch.setattr(cli, "LOG_PROGRESS_INTERVAL_S", 0.0)
+    argv = [a for a in transfer_args(files) if a != "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err  # capsys's stderr is not a terminal
+    lines = [line for line in err.splitlines() if line.startswith("lorax_core: transfer: ")]
+    assert "\r" not in err
+    assert lines, err
+    assert re.fullmatch(r"lorax_core: transfer: (\d+)/\1 layers \(100%\), .*", lines[-1]), lines[-1]
+    # --quiet silences it.
+    assert main([*argv, "--quiet", "--overwrite"]) == 0
+    assert "lorax_core: transfer:" not in capsys.readouterr().err
+
+
+def test_no_progress_lines_for_a_short_run_in_a_log(files, capsys):
+    """Below the interval nothing is printed: a quick run's log holds only the summary and warnings."""
+    argv = [a for a in transfer_args(files) if a != "--quiet"]
+    assert main(argv) == 0
+    assert "lorax_core: transfer:" not in capsys.readouterr().err

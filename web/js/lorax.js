@@ -13,6 +13,10 @@ const LORAX_NODES = new Set([
   "LoraXRefineTransferredLoRA",
 ]);
 const WIDGET_NAME = "lorax_report";
+// The last report is also kept in the node's properties, which are saved with the workflow: after a
+// page reload (or reopening the workflow) the box shows it again, even when the next run serves the
+// node from ComfyUI's cache.
+const REPORT_PROPERTY = "lorax_report";
 // The report box's minimum height: one text line per report line, between REPORT_MIN_LINES
 // (room for a short report that wraps, like a saved file's path) and REPORT_MAX_LINES (longer
 // reports scroll). Without it the frontend's default minimum (about three lines) wins and
@@ -28,7 +32,11 @@ function reportMinHeight(text) {
   return lines * REPORT_LINE_PX + REPORT_PADDING_PX;
 }
 
-function showText(node, text) {
+function showText(node, text, { remember = true } = {}) {
+  if (remember) {
+    node.properties = node.properties ?? {};
+    node.properties[REPORT_PROPERTY] = text;
+  }
   let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
   if (!widget) {
     widget = ComfyWidgets.STRING(node, WIDGET_NAME, ["STRING", { multiline: true }], app).widget;
@@ -58,6 +66,12 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       if (message?.text?.length) showText(this, message.text.join("\n"));
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (info) {
+      onConfigure?.apply(this, arguments);
+      const saved = info?.properties?.[REPORT_PROPERTY];
+      if (typeof saved === "string" && saved.length) showText(this, saved, { remember: false });
     };
   },
 });
