@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,17 +23,15 @@ from typing import TYPE_CHECKING
 from .errors import (
     FormatError,
     LoraxError,
-    NothingTransferableError,
     OptionError,
     OutputExistsError,
-    ShapeMismatchError,
 )
-from .formats import LoraFile, looks_like_lora, read_keys, read_lora, write_lora
+from .formats import looks_like_lora, read_keys, read_lora, write_lora
 from .formats.family import guess_family
 from .formats.io import TOOL_VERSION, check_output_path, write_text
-from .formats.resolve import KeyMap, layer_name_for, resolve_layers
 from .modelio import SafetensorsWeights, open_model
-from .types import METHODS, AdapterLayer, LoraFactors, TransferOptions, check_device, json_safe
+from .pipeline import ModelInfo, check_source_bases, output_metadata, output_names, plan_transfer
+from .types import METHODS, LoraFactors, TransferOptions, check_device, json_safe
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +44,6 @@ PROG = "lorax_core"
 #: Exit status when the reader of our output goes away (``… | head``): 128 + SIGPIPE, what a
 #: shell reports for a Unix tool stopped the same way.
 EXIT_BROKEN_PIPE = 141
-# Source metadata that describes the source file itself and would be wrong for the output.
-_STALE_METADATA = ("ss_network_dim", "ss_network_alpha", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,20 +222,32 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     source, target = open_model(args.source), open_model(args.target)
     key_map, convert = _comfyui_key_map(args.comfyui, args.source) if args.comfyui else (None, None)
     lora = read_lora(args.lora, key_transform=convert)
-    layers, names, skipped = prepare_layers(lora, source, key_map)
+    plan = plan_transfer(lora, source, key_map, source_name=str(source.path))
+    target.add_slices(plan.layers)  # slices of fused weights the plan uses (Flux/SD3 qkv) exist in the target too
+    cache = _cache(args)
+    bases_note = check_source_bases(lora, plan, source, cache, options.device)
     with _progress("transfer", args.quiet) as progress:
         result = transfer_adapter(
-            layers,
+            plan.layers,
             source,
             target,
             options,
-            names=names,
-            skipped=skipped,
-            cache=_cache(args),
+            names=plan.names,
+            skipped=plan.skipped,
+            cache=cache,
             progress=progress,
         )
-    out_layers = output_layers(result.layers, names, lora, args.style)
-    metadata = output_metadata(lora, source, target, args, result.report.totals())
+    names = output_names(result, plan, lora.format, args.style)
+    out_layers = {names[key]: factors for key, factors in result.layers.items()}
+    metadata = output_metadata(
+        lora,
+        options,
+        lora_name=Path(args.lora).name,
+        source=_model_info(source),
+        target=_model_info(target),
+        report=result.report,
+        host="command line",
+    )
     # The LoRA and its report are written together: both or neither.
     write_lora(
         args.out,
@@ -250,6 +258,8 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         extra_files={args.report: result.report.to_json()} if args.report is not None else None,
     )
     print(result.report.summary())
+    if bases_note:
+        print(bases_note)
     print(f"wrote {args.out}" + (f" and {args.report}" if args.report is not None else ""))
     totals = result.report.totals()
     if totals["skipped"]:
@@ -257,126 +267,6 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         print(f"lorax transfer: WARNING: {totals['skipped']} of {totals['layers']} layers were not transferred "
               "(reasons above and in the report); pass --strict to make this an error.", file=sys.stderr)  # fmt: skip
     return 0
-
-
-def prepare_layers(
-    lora: LoraFile, source: SafetensorsWeights, key_map: KeyMap | None = None
-) -> tuple[dict[str, AdapterLayer], dict[str, str], dict[str, str]]:
-    """Resolve a LoRA's layers to source model keys and check their shapes.
-
-    Returns:
-        ``(layers by model key, {model key: layer name}, {layer name: skip reason})``; the skip
-        reasons cover unsupported adapter types, unresolved names and shape mismatches.
-
-    Raises:
-        NothingTransferableError: the file has no transferable layer at all.
-        ShapeMismatchError: every resolved layer's shape differs from the source weight's (the
-            LoRA belongs to another base model).
-    """
-    skipped = dict(lora.unsupported)
-    if not lora.layers:
-        raise NothingTransferableError(
-            f"{lora.path}: none of its {len(skipped)} layers is a transferable LoRA layer "
-            f"({_reason_counts(skipped.values())})."
-        )
-    resolved, unresolved = resolve_layers(lora.layers, source.keys(), key_map)
-    skipped.update(unresolved)
-    layers: dict[str, AdapterLayer] = {}
-    names: dict[str, str] = {}
-    mismatches: list[str] = []
-    for name, key in resolved.items():
-        layer = lora.layers[name]
-        problem = _shape_problem(layer, source.shape(key))
-        if problem:
-            skipped[name] = problem
-            mismatches.append(f"{name}: {problem}")
-            continue
-        layers[key], names[key] = layer, name
-    if not layers:
-        if mismatches:
-            raise ShapeMismatchError(
-                f"{lora.path}: no layer fits {source.path} ({len(mismatches)} shape mismatches, e.g. {mismatches[0]}). "
-                "Is this LoRA for another base model family? Pass the model it was trained on as --source."
-            )
-        raise NothingTransferableError(
-            f"{lora.path}: none of its {len(lora.layers) + len(lora.unsupported)} layers could be used with "
-            f"{source.path} ({_reason_counts(skipped.values())})."
-        )
-    return layers, names, skipped
-
-
-def _shape_problem(layer: AdapterLayer, weight_shape: tuple[int, ...]) -> str:
-    if len(weight_shape) not in (2, 4):
-        dims = "×".join(str(d) for d in weight_shape) or "a scalar"
-        return (
-            f"the source weight is {len(weight_shape)}-D ({dims}); only linear (out, in) and conv "
-            "(out, in, kh, kw) weights can carry a LoRA"
-        )
-    out_dim = int(weight_shape[0]) if weight_shape else 0
-    in_dim = math.prod(int(d) for d in weight_shape[1:]) if len(weight_shape) > 1 else 0
-    if isinstance(layer, LoraFactors):
-        if (layer.out_features, layer.in_features) == (out_dim, in_dim):
-            return ""
-        mine = f"{layer.out_features}×{layer.in_features}"
-    else:
-        if tuple(layer.shape) == tuple(weight_shape):
-            return ""
-        mine = "×".join(str(d) for d in layer.shape)
-    theirs = "×".join(str(d) for d in weight_shape)
-    return f"shape mismatch: the LoRA layer is {mine} but the source weight is {theirs}"
-
-
-def output_layers(
-    transferred: Mapping[str, LoraFactors], names: Mapping[str, str], lora: LoraFile, style: str
-) -> dict[str, LoraFactors]:
-    """Name transferred layers (keyed by target model key) for writing.
-
-    In ``source`` style a layer keeps the name the source file used for that model key (names
-    are model-key based, and source and target share key names); keys the source file did not
-    name get a kohya or ComfyUI-native name (:func:`~lorax_core.formats.resolve.layer_name_for`).
-    In ``comfy`` style every layer gets its ComfyUI-native name.
-    """
-    out: dict[str, LoraFactors] = {}
-    for key, factors in transferred.items():
-        if style == "comfy":
-            name = layer_name_for(key, "comfy")
-        else:
-            name = names.get(key) or layer_name_for(key, lora.format)
-        out[name] = factors
-    return out
-
-
-def output_metadata(
-    lora: LoraFile,
-    source: SafetensorsWeights,
-    target: SafetensorsWeights,
-    args: argparse.Namespace,
-    totals: Mapping[str, object],
-) -> dict[str, str]:
-    """String metadata for the output: provenance plus the source's training metadata.
-
-    The source LoRA's metadata is kept (trigger words, training tags) except fields that
-    describe the source file itself (its hashes, network dim/alpha).
-    """
-    meta = {k: v for k, v in lora.metadata.items() if k not in _STALE_METADATA and not k.startswith("lorax.")}
-    meta.update(
-        {
-            "lorax.method": str(args.method),
-            "lorax.rank": str(args.rank),
-            "lorax.threshold": str(args.threshold),
-            "lorax.output_rank": "" if args.output_rank is None else str(args.output_rank),
-            "lorax.source_lora": Path(args.lora).name,
-            "lorax.source_format": lora.format,
-            "lorax.source_model": source.path.name,
-            "lorax.source_fingerprint": source.fingerprint,
-            "lorax.target_model": target.path.name,
-            "lorax.target_fingerprint": target.fingerprint,
-            "lorax.transferred": str(totals.get("transferred", "")),
-            "lorax.skipped": str(totals.get("skipped", "")),
-            "lorax.tool_version": TOOL_VERSION,
-        }
-    )
-    return meta
 
 
 # ---------------------------------------------------------------- similarity
@@ -392,8 +282,9 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     if args.lora is not None:
         key_map, convert = _comfyui_key_map(args.comfyui, args.source) if args.comfyui else (None, None)
         lora = read_lora(args.lora, key_transform=convert)
-        layers, names, _ = prepare_layers(lora, source, key_map)
-        keys = list(layers)
+        plan = plan_transfer(lora, source, key_map, source_name=str(source.path))
+        target.add_slices(plan.layers)
+        names, keys = plan.names, list(plan.layers)
     else:
         names = {}
         keys = [k for k in source.keys() if len(source.shape(k)) in (2, 4)]
@@ -626,12 +517,10 @@ def _cache(args: argparse.Namespace) -> object:
     return open_cache(args.cache_dir, enabled=not args.no_cache)
 
 
-def _reason_counts(reasons: object) -> str:
-    counts = Counter(reasons)  # type: ignore[call-overload]
-    parts = [f"{n}× {reason}" for reason, n in counts.most_common(3)]
-    if len(counts) > 3:
-        parts.append(f"{len(counts) - 3} other reasons")
-    return "; ".join(parts) or "no layers"
+def _model_info(weights: SafetensorsWeights) -> ModelInfo:
+    """A model file as provenance metadata names it (file name, fingerprint, guessed family)."""
+    _, shapes, metadata = read_keys(weights.path)
+    return ModelInfo(name=weights.path.name, fingerprint=weights.fingerprint, family=guess_family(shapes, metadata) or "")
 
 
 def _check_text_output(path: Path, overwrite: bool) -> None:
@@ -711,7 +600,8 @@ def _comfyui_key_map(
     namespace of :mod:`lorax_core.modelio`.
 
     Raises:
-        OptionError: PATH is not a ComfyUI install, or the pack's bridge module is missing.
+        OptionError: PATH is not a ComfyUI install, this Python cannot import ComfyUI (its
+            dependencies are missing), or the pack's bridge module is missing.
         FormatError: the file is unreadable, or ComfyUI does not recognise the model.
     """
     import importlib.util
@@ -734,6 +624,12 @@ def _comfyui_key_map(
     spec.loader.exec_module(bridge)  # type: ignore[union-attr]
     try:
         found = bridge.key_map_from_header(state, metadata, standalone=True)
+    except ImportError as exc:  # ComfyUI's own dependencies (or ComfyUI itself) missing from this Python
+        raise OptionError(
+            f"--comfyui {root}: this Python ({sys.executable}) cannot import ComfyUI ({type(exc).__name__}: {exc}); "
+            "run the command with the Python that runs ComfyUI (its virtual environment, or the portable build's "
+            "python_embeded), or install ComfyUI's requirements.txt into this Python."
+        ) from None
     except Exception as exc:  # ComfyUI raises plain KeyError/RuntimeError on layouts it half-recognises
         raise FormatError(
             f"--comfyui: ComfyUI could not build a key map for {model_path} ({type(exc).__name__}: {exc}); "
@@ -743,6 +639,6 @@ def _comfyui_key_map(
         raise FormatError(
             f"--comfyui: ComfyUI does not recognise {model_path} as a model it can load (no model family "
             "matches its weight names and shapes); pass the base model file the LoRA was trained on, as a "
-            "checkpoint or diffusion-model .safetensors in ComfyUI's layout."
+            "checkpoint, a diffusion-model .safetensors, or a diffusers UNet (diffusion_pytorch_model.safetensors)."
         )
     return found

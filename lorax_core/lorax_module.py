@@ -11,21 +11,26 @@ The bases come from :func:`lorax_core.linalg.top_subspace` (float32, sign-fixed)
 function the transfer uses to recompute them from the source weight, so a trained core stays
 valid when saved without its bases. Train with any loop; then call :func:`collect_lorax` to
 get ``{model key: LoraXFactors}`` for ``transfer_adapter`` or a LoRA-X file writer.
+
+:class:`LoraXDelta` is the same adapter in weight space (``W ↦ W + ΔW``), the form a host's
+weight wrappers take (ComfyUI's training adapters patch the weight, not the layer); it is built
+from a :class:`~lorax_core.linalg.Subspace` so that its bases can come from the transfer's cache.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OptionError
-from .linalg import top_subspace
+from .errors import OptionError, ShapeMismatchError
+from .linalg import Subspace, top_subspace
 from .types import LoraXFactors
 
-__all__ = ["LoraXConv2d", "LoraXLinear", "add_lorax", "collect_lorax"]
+__all__ = ["LoraXConv2d", "LoraXDelta", "LoraXLinear", "add_lorax", "collect_lorax"]
 
 
 class _LoraXBase(nn.Module):
@@ -115,6 +120,67 @@ class LoraXConv2d(_LoraXBase):
         h = self._mix(h, 1)
         update = torch.einsum("brhw,or->bohw", h, self.U.to(x.dtype))
         return base(x) + update
+
+
+class LoraXDelta(nn.Module):
+    """A LoRA-X update in weight space: ``forward(W) = W + (U_R · core · V_Rᵀ).reshape(W.shape)``.
+
+    The same parameterisation as :class:`LoraXLinear` (frozen bases, trainable core, zero
+    start), applied to the weight instead of the activations: one (m, R)·(R, n) product per
+    call, which is what a host's weight wrappers need (ComfyUI's ``LoraDiff`` forms its ΔW the
+    same way). ``delta()`` is float32; ``forward`` returns the weight's own dtype.
+
+    Args:
+        sub: the source weight's subspace (float32, sign-fixed: :func:`top_subspace` or a cache
+            of it); its first ``rank`` directions become the frozen ``U``/``V`` buffers.
+        shape: the weight's shape, ``(out, in)`` or ``(out, in, kh, kw)``; ``(out, in·kh·kw)`` must
+            equal ``sub.shape``.
+        rank: R, clipped to ``sub.rank``; ``None`` keeps all of ``sub``.
+        full_core: train a full R×R core instead of the diagonal ΔΣ.
+
+    Raises:
+        ShapeMismatchError: ``shape`` does not flatten to ``sub.shape``.
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+
+    def __init__(
+        self, sub: Subspace, shape: tuple[int, ...], rank: int | None = None, *, full_core: bool = False
+    ) -> None:
+        super().__init__()
+        flat = (int(shape[0]), math.prod(int(d) for d in shape[1:]))
+        if flat != sub.shape:
+            raise ShapeMismatchError(
+                f"LoraXDelta: a weight of shape {tuple(shape)} flattens to {flat}, but the subspace is of a "
+                f"{sub.shape[0]}×{sub.shape[1]} weight; compute the subspace from this layer's weight."
+            )
+        s = sub.truncate(sub.rank if rank is None else rank)
+        self.shape = tuple(int(d) for d in shape)
+        # Own copies: a cached subspace is shared, and one made under inference mode (any ComfyUI
+        # node) is an inference tensor, which autograd refuses to save for the backward pass.
+        self.register_buffer("U", s.U.to(torch.float32).clone(memory_format=torch.contiguous_format))  # (m, R)
+        self.register_buffer("V", s.V.to(torch.float32).clone(memory_format=torch.contiguous_format))  # (n, R)
+        R = s.rank
+        # Zero init, as LoraXLinear: the patched weight starts out equal to the base weight.
+        self.core = nn.Parameter(torch.zeros((R, R) if full_core else (R,), dtype=torch.float32, device=s.U.device))
+
+    @property
+    def rank(self) -> int:
+        return int(self.core.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """ΔW ``(m, n)`` in float32 on the bases' device (differentiable in the core)."""
+        core = self.core.float()
+        up = self.U * core if core.ndim == 1 else self.U @ core  # (m, R)
+        return up @ self.V.T
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta().to(weight.device, weight.dtype).reshape(weight.shape)
+
+    def factors(self) -> LoraXFactors:
+        """The trained adapter (a detached CPU copy of the core) with this layer's shape."""
+        return LoraXFactors(core=self.core.detach().to("cpu").clone(), shape=self.shape)
 
 
 def add_lorax(

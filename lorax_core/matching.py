@@ -9,6 +9,15 @@ maximises the total similarity Φ (Hungarian algorithm, ``scipy.optimize.linear_
 LoRA-X §4.2.3 matches modules by Eq. 4, METHOD.md §5 "practical recipe").
 Whether a matched pair is similar *enough* is decided later by the transfer, against the
 threshold; matching only proposes partners and says why a layer has none.
+
+In ``auto`` mode a shared name is a hint, not a verdict. A distilled model that keeps some of a
+block's layers renumbers them consecutively (SSD-1B keeps 4 of SDXL's 10 transformer blocks in
+``input_blocks.7.1`` as ``transformer_blocks.0..3``), so the same name may hold another layer.
+Where a layer's *container* (``….transformer_blocks``, ``….encoder.layers``) has a different
+depth in the two models, each same-named pair is checked: kept when Φ passes the threshold, else
+the layer is paired by similarity among the free same-kind, same-shape layers of the same
+container (of the whole model when that container has none). Containers of equal depth keep
+pairing by name with no extra decomposition.
 """
 
 from __future__ import annotations
@@ -21,11 +30,11 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import OptionError
+from .errors import NonFiniteError, OptionError
 from .similarity import LayerSimilarity, SubspaceProvider, layer_similarity, similarity_rank
 from .types import WeightSource
 
-__all__ = ["LayerMatch", "layer_kind", "match_layers"]
+__all__ = ["LayerMatch", "depth_mismatches", "layer_kind", "match_layers"]
 
 MatchMode = Literal["name", "similarity", "auto"]
 
@@ -36,6 +45,15 @@ _CONTAINER = re.compile(r"(.*_)?blocks?$|attentions|resnets|upsamplers|downsampl
 NO_NAME = "target model has no layer with this name"
 NO_PARTNER = "no target layer of the same kind and shape"
 ALL_TAKEN = "every same-kind, same-shape target layer is already paired with a more similar source layer"
+DEPTH_TAKEN = (
+    "this block has another depth in the target (blocks dropped and renumbered, as in SSD-1B); each of its "
+    "same-kind, same-shape layers is paired with a more similar source layer"
+)
+DEPTH_NONE = (
+    "this block has another depth in the target (blocks dropped and renumbered, as in SSD-1B) and none of its "
+    "same-kind, same-shape layers is similar to this one (its partner was dropped)"
+)
+NONFINITE = "the source weight holds NaN or Inf, so no partner can be found by similarity"
 
 
 def layer_kind(key: str) -> str:
@@ -61,6 +79,47 @@ def layer_kind(key: str) -> str:
     return ".".join(parts[cut:]) or key
 
 
+def _container(key: str) -> tuple[str, str] | None:
+    """``(container path, position)`` of a key: where its last block index run starts.
+
+    Examples:
+        ``diffusion_model.input_blocks.7.1.transformer_blocks.3.attn1.to_q.weight`` →
+        (``diffusion_model.input_blocks.7.1.transformer_blocks``, ``3``);
+        ``diffusion_model.input_blocks.7.1.proj_in.weight`` → (``diffusion_model.input_blocks``, ``7.1``);
+        ``diffusion_model.out.2.weight`` → ``None``.
+    """
+    parts = key.split(".")
+    found: tuple[str, str] | None = None
+    for i, part in enumerate(parts):
+        if _CONTAINER.fullmatch(part) and i + 1 < len(parts) and parts[i + 1].isdigit():
+            j = i + 1
+            while j < len(parts) and parts[j].isdigit():
+                j += 1
+            found = (".".join(parts[: i + 1]), ".".join(parts[i + 1 : j]))
+    return found
+
+
+def _depths(keys: Iterable[str]) -> dict[str, int]:
+    """``{container path: number of positions}`` over a model's weight keys."""
+    positions: dict[str, set[str]] = defaultdict(set)
+    for key in keys:
+        found = _container(key)
+        if found is not None:
+            positions[found[0]].add(found[1])
+    return {c: len(p) for c, p in positions.items()}
+
+
+def depth_mismatches(source_keys: Iterable[str], target_keys: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """``{container: (source depth, target depth)}`` for the containers whose depth differs.
+
+    A container is a module list indexed by position (``….transformer_blocks``,
+    ``….encoder.layers``…); its depth is the number of positions among the given weight keys.
+    SDXL → SSD-1B gives ``{"diffusion_model.input_blocks.7.1.transformer_blocks": (10, 4), …}``.
+    """
+    source, target = _depths(source_keys), _depths(target_keys)
+    return {c: (d, target[c]) for c, d in source.items() if c in target and target[c] != d}
+
+
 def _flat(shape: Sequence[int]) -> tuple[int, int]:
     rest = 1
     for d in shape[1:]:
@@ -77,7 +136,8 @@ class LayerMatch:
         target_key: the partner's model key, or ``None`` when there is none.
         by: ``"name"``, ``"similarity"`` or ``"none"``.
         reason: why there is no partner (empty when there is one).
-        similarity: Φ of the pair when it was matched by similarity.
+        similarity: Φ of the pair when it was matched by similarity, or checked because its
+            block's depth differs (``auto``).
     """
 
     source_key: str
@@ -113,8 +173,11 @@ def match_layers(
         source, target: the two base models.
         mode: ``name`` – the same key in the target (shapes are checked by the caller);
             ``similarity`` – optimal one-to-one assignment on Φ among same-kind, same-shape
-            layers; ``auto`` – by name where the target has the key with the same shape,
-            by similarity for the rest (target layers already paired by name are not reused).
+            layers; ``auto`` – by name where the target has the key with the same shape and
+            the key's container has the same depth in both models (or, where the depths
+            differ, the same-named pair's Φ passes the threshold); by similarity for the rest,
+            among the same container's free layers first (target layers already paired by name
+            are not reused).
         rank: R, the subspace rank (Φ is taken at ``similarity_rank(R, out, in)``).
         threshold: c of ``threshold_for``; stored in the returned similarities.
         provider: shares subspace decompositions with the caller.
@@ -130,7 +193,12 @@ def match_layers(
     keys = list(dict.fromkeys(source_keys))
     result: dict[str, LayerMatch] = {}
     target_shapes = _weight_keys(target)
+    subspaces = provider or SubspaceProvider()
     pending: list[str] = []
+    to_check: list[str] = []
+    depth_changed: set[str] = set()
+    if mode == "auto":
+        depth_changed = set(depth_mismatches(_weight_keys(source), target_shapes))
     for key in keys:
         if mode == "name":
             if key in target_shapes:
@@ -138,14 +206,47 @@ def match_layers(
             else:
                 result[key] = LayerMatch(key, None, "none", NO_NAME)
         elif mode == "auto" and key in target_shapes and _flat(target_shapes[key]) == _flat(source.shape(key)):
-            result[key] = LayerMatch(key, key, "name")
+            found = _container(key)
+            if found is not None and found[0] in depth_changed:
+                to_check.append(key)
+            else:
+                result[key] = LayerMatch(key, key, "name")
+        else:
+            pending.append(key)
+    for key in to_check:
+        # The name is only a hint where depths differ: keep it when the pair is similar.
+        sim = _pair_similarity(key, key, source, target, rank, threshold, subspaces)
+        if sim is not None and sim.passed:
+            result[key] = LayerMatch(key, key, "name", similarity=sim)
         else:
             pending.append(key)
     if pending:
         claimed = {m.target_key for m in result.values() if m.target_key is not None}
         free = {k: s for k, s in target_shapes.items() if k not in claimed}
-        result.update(_match_by_similarity(pending, source, target, free, rank, threshold, provider))
+        scoped = mode == "auto"
+        result.update(
+            _match_by_similarity(pending, source, target, free, rank, threshold, subspaces, scoped, depth_changed)
+        )
     return {key: result[key] for key in keys}
+
+
+def _pair_similarity(
+    key: str,
+    tkey: str,
+    source: WeightSource,
+    target: WeightSource,
+    rank: int,
+    threshold: float,
+    subspaces: SubspaceProvider,
+) -> LayerSimilarity | None:
+    """Φ of one pair at the transfer's rank, or ``None`` when a weight holds NaN/Inf."""
+    m, n = _flat(source.shape(key))
+    R = min(rank, m, n)
+    try:
+        src, tgt = subspaces.get(source, key, R), subspaces.get(target, tkey, R)
+    except NonFiniteError:
+        return None
+    return layer_similarity(src, tgt, similarity_rank(R, m, n), threshold, source_key=key, target_key=tkey)
 
 
 def _match_by_similarity(
@@ -155,48 +256,94 @@ def _match_by_similarity(
     target_shapes: dict[str, tuple[int, ...]],
     rank: int,
     threshold: float,
-    provider: SubspaceProvider | None,
+    subspaces: SubspaceProvider,
+    scoped: bool,
+    depth_changed: set[str],
 ) -> dict[str, LayerMatch]:
+    """Optimal one-to-one assignment on Φ, per (kind, shape[, container]) group.
+
+    ``scoped`` (auto mode): a source layer competes first for the free same-kind, same-shape
+    layers of its own container, so a renumbered block's layers meet only that block's layers
+    (fast, and never a look-alike elsewhere); layers whose container has no such free layer
+    compete for the whole model's, after the scoped groups have taken theirs.
+    """
     from scipy.optimize import linear_sum_assignment
 
-    subspaces = provider or SubspaceProvider()
-    groups: dict[tuple[str, tuple[int, int]], list[str]] = defaultdict(list)
-    for key in keys:
-        groups[(layer_kind(key), _flat(source.shape(key)))].append(key)
     candidates: dict[tuple[str, tuple[int, int]], list[str]] = defaultdict(list)
     for key, shape in target_shapes.items():
         candidates[(layer_kind(key), _flat(shape))].append(key)
+    groups: dict[tuple[str, tuple[int, int], str | None], list[str]] = defaultdict(list)
+    for key in keys:
+        kind, flat = layer_kind(key), _flat(source.shape(key))
+        found = _container(key) if scoped else None
+        scope = None
+        if found is not None and any(
+            _container(t) is not None and _container(t)[0] == found[0] for t in candidates.get((kind, flat), [])
+        ):
+            scope = found[0]
+        groups[(kind, flat, scope)].append(key)
 
     result: dict[str, LayerMatch] = {}
-    for (kind, (m, n)), sources in groups.items():
-        targets = candidates.get((kind, (m, n)), [])
+    taken: set[str] = set()
+    bad_targets: set[str] = set()
+    # Container-scoped groups first: their candidates are the most specific.
+    for (kind, (m, n), scope), sources in sorted(groups.items(), key=lambda item: item[0][2] is None):
+        targets = [
+            t
+            for t in candidates.get((kind, (m, n)), [])
+            if t not in taken and t not in bad_targets and (scope is None or (_container(t) or ("", ""))[0] == scope)
+        ]
         if not targets:
             for key in sources:
-                result[key] = LayerMatch(key, None, "none", NO_PARTNER)
+                # A namesake of another width: pair it, so that the transfer reports the width
+                # mismatch with both shapes (SD1.5 → SD2 cross-attention: 320×768 vs 320×1024).
+                result[key] = (
+                    LayerMatch(key, key, "name") if key in target else LayerMatch(key, None, "none", NO_PARTNER)
+                )
             continue
         R = min(rank, m, n)
         k = similarity_rank(R, m, n)
-        table = [
-            [
-                layer_similarity(
-                    subspaces.get(source, s, R),
-                    subspaces.get(target, t, R),
-                    k,
-                    threshold,
-                    source_key=s,
-                    target_key=t,
+        tgt_spaces = {}
+        for t in targets:
+            try:
+                tgt_spaces[t] = subspaces.get(target, t, R)
+            except NonFiniteError:  # a damaged (or never loaded) weight is no candidate
+                bad_targets.add(t)
+        targets = [t for t in targets if t in tgt_spaces]
+        rows_keys: list[str] = []
+        table: list[list[LayerSimilarity]] = []
+        for s in sources:
+            try:
+                src = subspaces.get(source, s, R)
+            except NonFiniteError:
+                result[s] = LayerMatch(
+                    s,
+                    s if s in target_shapes else None,
+                    "name" if s in target_shapes else "none",
+                    "" if s in target_shapes else NONFINITE,
                 )
-                for t in targets
-            ]
-            for s in sources
-        ]
-        phis = np.array([[entry.phi for entry in row] for row in table], dtype=np.float64)
+                continue
+            rows_keys.append(s)
+            table.append(
+                [layer_similarity(src, tgt_spaces[t], k, threshold, source_key=s, target_key=t) for t in targets]
+            )
+        if not targets:
+            for key in rows_keys:
+                result[key] = LayerMatch(key, None, "none", NO_PARTNER)
+            continue
+        phis = np.array([[entry.phi for entry in row] for row in table], dtype=np.float64).reshape(len(rows_keys), -1)
         rows, cols = linear_sum_assignment(phis, maximize=True)
         assigned = dict(zip(rows.tolist(), cols.tolist(), strict=True))
-        for i, key in enumerate(sources):
-            if i in assigned:
+        for i, key in enumerate(rows_keys):
+            if i in assigned and scope in depth_changed and not table[i][assigned[i]].passed:
+                # A renumbered block's leftover layer meets only dropped layers' namesakes.
+                result[key] = LayerMatch(key, None, "none", DEPTH_NONE, similarity=table[i][assigned[i]])
+            elif i in assigned:
                 j = assigned[i]
-                result[key] = LayerMatch(key, targets[j], "similarity", similarity=table[i][j])
+                taken.add(targets[j])
+                by = "name" if scoped and targets[j] == key else "similarity"
+                result[key] = LayerMatch(key, targets[j], by, similarity=table[i][j])
             else:
-                result[key] = LayerMatch(key, None, "none", ALL_TAKEN)
+                reason = DEPTH_TAKEN if scope is not None and scope in depth_changed else ALL_TAKEN
+                result[key] = LayerMatch(key, None, "none", reason)
     return result

@@ -23,23 +23,46 @@ anything else in a full checkpoint         kept as is (e.g. ``first_stage_model.
 =========================================  ==========================================
 
 ``diffusion_model.*`` and ``text_encoders.clip_l.*`` match the names ComfyUI gives the same
-weights, so ComfyUI-native LoRA names resolve directly. OpenCLIP encoders keep their own names
-(``…resblocks.N.attn.in_proj_weight``), which HF-named text-encoder LoRA layers do not match.
+weights, so ComfyUI-native LoRA names resolve directly.
+
+The OpenCLIP encoders (``clip_h`` of SD2.x, ``clip_g`` of SDXL) are then presented by
+:class:`SafetensorsWeights` under the Hugging Face names ComfyUI gives them when it loads a
+checkpoint (``comfy.utils.clip_text_transformers_convert``, v0.3.75), because every LoRA format
+(kohya ``lora_te_``/``lora_te2_``, diffusers ``text_encoder_2.``, ComfyUI-native) names them so:
+
+=====================================================  =====================================================
+OpenCLIP name under ``text_encoders.clip_{h,g}.``      presented as ``text_encoders.clip_{h,g}.transformer.``
+=====================================================  =====================================================
+``transformer.resblocks.N.attn.in_proj_{weight,bias}``  ``text_model.encoder.layers.N.self_attn.{q,k,v}_proj.*``
+                                                       (rows ``[0, w)``, ``[w, 2w)``, ``[2w, 3w)`` of the fused
+                                                       ``(3w, w)`` weight, read as row slices)
+``transformer.resblocks.N.attn.out_proj.*``            ``text_model.encoder.layers.N.self_attn.out_proj.*``
+``transformer.resblocks.N.mlp.c_fc.*``, ``c_proj.*``    ``text_model.encoder.layers.N.mlp.fc1.*``, ``fc2.*``
+``transformer.resblocks.N.ln_1.*``, ``ln_2.*``          ``text_model.encoder.layers.N.layer_norm1.*``, ``2.*``
+``positional_embedding``, ``token_embedding.weight``    ``text_model.embeddings.{position,token}_embedding.weight``
+``ln_final.*``                                         ``text_model.final_layer_norm.*``
+=====================================================  =====================================================
+
+``text_projection`` keeps its OpenCLIP name: ComfyUI stores it transposed, and no LoRA format
+patches it. :func:`model_key_map` does only the prefix renaming of the first table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import FormatError, NonFiniteError
 from .formats.io import SAFETENSORS_DTYPES, read_header
+from .slices import parse_slice_key
 
-__all__ = ["SafetensorsWeights", "file_fingerprint", "model_key_map", "open_model"]
+__all__ = ["FileTensor", "SafetensorsWeights", "file_fingerprint", "model_key_map", "open_model", "tensor_views"]
 
 _TEXT_ENCODER_RENAMES: tuple[tuple[str, str], ...] = (
     ("cond_stage_model.transformer.", "text_encoders.clip_l.transformer."),
@@ -47,6 +70,24 @@ _TEXT_ENCODER_RENAMES: tuple[tuple[str, str], ...] = (
     ("conditioner.embedders.0.transformer.", "text_encoders.clip_l.transformer."),
     ("conditioner.embedders.1.model.", "text_encoders.clip_g."),
 )
+# The OpenCLIP text encoders ComfyUI renames on load (SD2.x clip_h, SDXL clip_g).
+_OPENCLIP_PREFIXES: tuple[str, ...] = ("text_encoders.clip_h.", "text_encoders.clip_g.")
+_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+# comfy.utils.transformers_convert's resblock_to_replace and keys_to_replace (v0.3.75).
+_RESBLOCK_RENAMES: dict[str, str] = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
+_TOP_RENAMES: dict[str, str] = {
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_QKV: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _FINGERPRINT_SAMPLES = 16
 _FINGERPRINT_SAMPLE_BYTES = 4096
 
@@ -75,6 +116,60 @@ def _checkpoint_key(key: str) -> str:
         index, _, rest = key[len("conditioner.embedders.") :].partition(".")
         return f"text_encoders.embedder_{index}.{rest}"
     return key
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """Where a model key's weight lies in the file: a tensor, or rows ``[start, start + rows)`` of one.
+
+    Attributes:
+        name: the tensor's name inside the file.
+        start, rows: the row slice of a fused tensor (``rows is None``: the whole tensor).
+    """
+
+    name: str
+    start: int = 0
+    rows: int | None = None
+
+
+def tensor_views(file_keys: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, FileTensor]:
+    """``{model key: FileTensor}``: :func:`model_key_map`, then OpenCLIP layers under ComfyUI's HF names.
+
+    Args:
+        file_keys: the file's tensor names.
+        shapes: ``{file key: shape}`` (the fused ``in_proj`` is split by its first dimension, 3w).
+
+    The renaming and the equal three-way row split are those of ComfyUI's
+    ``comfy.utils.transformers_convert`` (v0.3.75), so a text-encoder weight read from the file
+    equals the one ComfyUI loads under the same name (checked in ``tests/nodes/test_families_unet.py``).
+    """
+    out: dict[str, FileTensor] = {}
+    for model_key, file_key in model_key_map(file_keys).items():
+        prefix = next((p for p in _OPENCLIP_PREFIXES if model_key.startswith(p)), None)
+        if prefix is None:
+            out[model_key] = FileTensor(file_key)
+            continue
+        rest = model_key[len(prefix) :]
+        head = f"{prefix}transformer."
+        block = _RESBLOCK.fullmatch(rest)
+        if rest in _TOP_RENAMES:
+            out[head + _TOP_RENAMES[rest]] = FileTensor(file_key)
+        elif block is None:
+            out[model_key] = FileTensor(file_key)
+        elif block.group(2) in ("attn.in_proj_weight", "attn.in_proj_bias") and shapes[file_key][0] % 3 == 0:
+            width = shapes[file_key][0] // 3
+            suffix = block.group(2).rsplit("_", 1)[1]
+            for i, part in enumerate(_QKV):
+                name = f"{head}text_model.encoder.layers.{block.group(1)}.{part}.{suffix}"
+                out[name] = FileTensor(file_key, i * width, width)
+        else:
+            module, _, param = block.group(2).rpartition(".")
+            renamed = _RESBLOCK_RENAMES.get(module)
+            if renamed is None:
+                out[model_key] = FileTensor(file_key)
+            else:
+                out[f"{head}text_model.encoder.layers.{block.group(1)}.{renamed}.{param}"] = FileTensor(file_key)
+    return out
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -125,14 +220,16 @@ class SafetensorsWeights:
         self.path = Path(path)
         header, self.metadata = read_header(self.path)
         self._shapes = {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()}  # type: ignore[union-attr]
-        self._files = model_key_map(list(header))
+        self._files = tensor_views(list(header), self._shapes)
         self._entries = header
         # Tensor data starts after the 8-byte length prefix and the JSON header.
         try:
             with self.path.open("rb") as fh:
                 self._data_start = 8 + int.from_bytes(fh.read(8), "little")
         except OSError as exc:
-            raise FormatError(f"{self.path}: cannot read the file ({exc.strerror or exc}); check its permissions.") from None
+            raise FormatError(
+                f"{self.path}: cannot read the file ({exc.strerror or exc}); check its permissions."
+            ) from None
         self._fingerprint: str | None = None
 
     @property
@@ -144,26 +241,29 @@ class SafetensorsWeights:
     @property
     def is_checkpoint(self) -> bool:
         """Whether the file is a full checkpoint (``model.diffusion_model.*`` keys)."""
-        return any(k.startswith("model.diffusion_model.") for k in self._files.values())
+        return any(v.name.startswith("model.diffusion_model.") for v in self._files.values())
 
     def keys(self) -> Iterator[str]:
         return iter(self._files)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._files
+        return key in self._files or (isinstance(key, str) and self._add_slice(key))
 
     def __len__(self) -> int:
         return len(self._files)
 
     def file_key(self, key: str) -> str:
-        """The tensor's name inside the file."""
-        return self._files[self._check(key)]
+        """The tensor's name inside the file (the fused tensor for a row slice)."""
+        return self._files[self._check(key)].name
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[self.file_key(key)]
+        view = self._files[self._check(key)]
+        shape = self._shapes[view.name]
+        return shape if view.rows is None else (view.rows, *shape[1:])
 
     def get(self, key: str) -> torch.Tensor:
-        name = self.file_key(key)
+        view = self._files[self._check(key)]
+        name = view.name
         entry = self._entries[name]
         dtype = SAFETENSORS_DTYPES[str(entry["dtype"])]  # read_header admitted only known names
         # Integer and bool tensors are never base weights (step counters, token ids...).
@@ -173,6 +273,12 @@ class SafetensorsWeights:
                 "(expected F16, BF16, F32, F64 or F8); check that the file is a model."
             )
         start, end = (int(v) for v in entry["data_offsets"])  # type: ignore[union-attr]
+        shape = self.shape(key)
+        if view.rows is not None:
+            # A row slice of a row-major tensor is one contiguous byte range.
+            row_bytes = (end - start) // max(1, self._shapes[name][0])
+            start += view.start * row_bytes
+            end = start + view.rows * row_bytes
         # A plain positional read instead of safetensors' memory map: every page a mmap view
         # touches stays resident until the file is closed, so streaming a whole UNet through
         # get_tensor grows the process by the model's size (measured on 60 SD1.5 layers: +346 MB
@@ -183,13 +289,14 @@ class SafetensorsWeights:
                 fh.seek(self._data_start + start)
                 got = fh.readinto(buffer)
         except OSError as exc:
-            raise FormatError(f"{self.path}: could not read tensor {name!r} ({exc}); the file may be corrupt.") from None
+            raise FormatError(
+                f"{self.path}: could not read tensor {name!r} ({exc}); the file may be corrupt."
+            ) from None
         if got != len(buffer):
             raise FormatError(
                 f"{self.path}: truncated: tensor {name!r} needs {len(buffer)} bytes but only {got} could be read. "
                 "Re-download or re-save the file."
             )
-        shape = self._shapes[name]
         if not buffer:
             return torch.empty(shape, dtype=dtype)
         tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -204,11 +311,39 @@ class SafetensorsWeights:
             )
         return tensor
 
+    def add_slices(self, keys: Iterable[str]) -> None:
+        """List the slice keys among ``keys`` that fit this file (see :meth:`_add_slice`); others are ignored.
+
+        The target of a transfer needs this: the core pairs source and target layers by the
+        target's :meth:`keys`, before it reads any of them. Pass the plan's source keys.
+        """
+        for key in keys:
+            self._add_slice(key)
+
+    def _add_slice(self, key: str) -> bool:
+        """Register ``key`` as a row view if it is a slice key ``<key>[0:<offset>:<size>]`` that fits.
+
+        Slice keys (:mod:`lorax_core.slices`) come from ComfyUI's key map for fused weights
+        (Flux ``qkv``/``linear1``, SD3 ``qkv``). The first :meth:`shape`/:meth:`get`/``in`` of
+        one makes it a :class:`FileTensor` row view of its weight, read alone like any tensor
+        and listed by :meth:`keys` from then on (the transfer looks its source keys up there).
+        Only dimension 0 is sliced: every fused weight ComfyUI maps is split by output rows.
+
+        Returns:
+            Whether ``key`` is now a registered slice.
+        """
+        piece = parse_slice_key(key)
+        view = None if piece is None else self._files.get(piece.base)
+        if piece is None or view is None or piece.dim != 0 or not piece.fits(self.shape(piece.base)):
+            return False
+        self._files[key] = FileTensor(view.name, view.start + piece.offset, piece.size)
+        return True
+
     def close(self) -> None:
         """Nothing to release: every :meth:`get` opens, reads and closes the file."""
 
     def _check(self, key: str) -> str:
-        if key not in self._files:
+        if key not in self._files and not self._add_slice(key):
             raise FormatError(f"{self.path}: no weight {key!r} in this model; check that it is the right base model.")
         return key
 

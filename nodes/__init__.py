@@ -9,6 +9,7 @@ from .load import LoraXLoadSourceModel
 from .refine import LoraXRefineTransferredLoRA
 from .save import LoraXSaveTransferredLoRA
 from .similarity import LoraXSubspaceSimilarity
+from .train import LoraXSaveLoRAX, LoraXTrainLoRAX
 from .transfer import LoraXTransferLoRA
 
 NODES: list[type[io.ComfyNode]] = [
@@ -18,6 +19,8 @@ NODES: list[type[io.ComfyNode]] = [
     LoraXApplyTransferredLoRA,
     LoraXSaveTransferredLoRA,
     LoraXRefineTransferredLoRA,
+    LoraXTrainLoRAX,
+    LoraXSaveLoRAX,
 ]
 
 

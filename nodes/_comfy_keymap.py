@@ -44,6 +44,7 @@ def key_map_from_header(
     import comfy.lora
     import comfy.lora_convert
     import comfy.model_detection
+    import comfy.utils
 
     # ComfyUI logs its detection steps (an unknown model is an ERROR record with the whole
     # derived config); the command line's contract is one stderr line per failure.
@@ -51,14 +52,21 @@ def key_map_from_header(
     logging.disable(logging.CRITICAL)
     try:
         config, unet_state, prefix = _detect(comfy.model_detection, state, metadata)
+        renames: dict[str, str] = {}
+        if config is None:
+            config, renames = _detect_diffusers(comfy.model_detection, comfy.utils, state)
+            unet_state, prefix = {}, ""
         if config is None:
             return None
         # Nothing is computed or loaded, so the dtype only has to be one every family accepts.
         config.set_inference_dtype(torch.float32, None)
         with torch.device("meta"):  # every tensor a constructor makes without naming a device
             model = config.get_model(unet_state, prefix, device="meta")
-        key_map: KeyMap = dict(comfy.lora.model_lora_keys_unet(model, {}))
-        key_map.update(_text_encoder_key_map(comfy.lora, config, state))
+        key_map: KeyMap = {
+            name: _renamed(target, renames) for name, target in comfy.lora.model_lora_keys_unet(model, {}).items()
+        }
+        if not renames:  # a diffusers UNet file holds no text encoder
+            key_map.update(_text_encoder_key_map(comfy.lora, config, state))
     finally:
         logging.disable(previous_disable)
     return key_map, comfy.lora_convert.convert_lora
@@ -83,6 +91,39 @@ def _detect(
     # A diffusion-model-only file: the weights carry no prefix (or an unusual one, stripped).
     stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)} or state
     return model_detection.model_config_from_unet(dict(stripped), "", metadata=metadata), stripped, ""
+
+
+def _detect_diffusers(
+    model_detection: ModuleType, utils: ModuleType, state: dict[str, torch.Tensor]
+) -> tuple[Any, dict[str, str]]:
+    """ComfyUI's config for a diffusers-layout UNet file (``diffusion_pytorch_model.safetensors``), as
+    ``comfy.sd.load_diffusion_model`` detects it, and its key renames.
+
+    ComfyUI loads such a file by renaming its keys to the original UNet layout
+    (``comfy.utils.unet_to_diffusers``); the LoRA key map names that layout, while the pack reads
+    the file under its own names. ``renames`` maps each ComfyUI model key
+    (``diffusion_model.input_blocks.1.1.….weight``) back to the file's
+    (``diffusion_model.down_blocks.0.attentions.0.….weight``, the ``lorax_core.modelio`` namespace).
+
+    Returns:
+        ``(config, renames)``, or ``(None, {})`` when the file is not a diffusers UNet ComfyUI knows.
+    """
+    config = model_detection.model_config_from_diffusers_unet(dict(state))
+    if config is None:
+        return None, {}
+    renames = {
+        f"diffusion_model.{ldm}": f"diffusion_model.{diffusers}"
+        for diffusers, ldm in utils.unet_to_diffusers(config.unet_config).items()
+        if diffusers in state
+    }
+    return config, renames
+
+
+def _renamed(target: str | tuple[str, object], renames: dict[str, str]) -> str | tuple[str, object]:
+    """A key-map target under the file's own key names (a ``(key, slice)`` target keeps its slice)."""
+    if isinstance(target, tuple):
+        return (renames.get(target[0], target[0]), *target[1:])  # type: ignore[return-value]
+    return renames.get(target, target)
 
 
 def _text_encoder_key_map(

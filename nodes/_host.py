@@ -31,6 +31,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.model_detection
 import comfy.model_management
+import comfy.supported_models
 import comfy.utils
 import folder_paths
 import torch
@@ -42,9 +43,12 @@ from ..lorax_core.formats import LoraFile, parse_lora, read_lora, write_lora
 from ..lorax_core.formats.base import pair_tensors
 from ..lorax_core.formats.io import write_text
 from ..lorax_core.formats.keys import COMFY_STYLE, KOHYA_TEXT_ENCODERS, split_key
-from ..lorax_core.formats.resolve import layer_name_for, resolve_layers
+from ..lorax_core.matching import depth_mismatches
 from ..lorax_core.modelio import SafetensorsWeights, open_model
-from ..lorax_core.types import AdapterLayer, LoraFactors, TransferResult
+from ..lorax_core.pipeline import TransferPlan, output_names
+from ..lorax_core.pipeline import plan_transfer as core_plan_transfer
+from ..lorax_core.slices import WeightSlice, parse_slice_key, slice_from_comfy
+from ..lorax_core.types import LoraFactors, TransferResult
 
 UNET_PREFIX = "diffusion_model."
 TE_PREFIX = "text_encoders."
@@ -223,6 +227,12 @@ class PatcherWeights:
     merged or LoRA-patched ``MODEL`` is read as the model it represents. Each :meth:`get`
     returns one float32 CPU tensor: ``convert_fn`` dequantises scaled-fp8/quantized storage,
     ``comfy.lora.calculate_weight`` adds the patches. The inputs are never modified.
+
+    Fused weights: every slice ``(model key, (dim, offset, size))`` of ComfyUI's LoRA key map
+    (Flux ``qkv``/``linear1``, SD3 ``qkv``) is listed too, under its canonical slice key
+    (:mod:`lorax_core.slices`), and read as that part of the (patched) weight, so the core
+    transfers it as a layer of its own. The fingerprint covers the stored weights only; cache
+    keys tell slices apart by their key.
     """
 
     def __init__(self, model: Any | None, clip: Any | None = None) -> None:
@@ -233,6 +243,11 @@ class PatcherWeights:
         if clip is not None:
             for key, patches in clip.patcher.get_key_patches().items():
                 self._entries[TE_PREFIX + key] = (patches, clip.patcher)
+        self._slices: dict[str, WeightSlice] = {}
+        for target in lora_key_map(model, clip).values():
+            piece = slice_from_comfy(target[0], target[1]) if isinstance(target, tuple) and len(target) > 1 else None
+            if piece is not None and piece.base in self._entries and piece.fits(self.shape(piece.base)):
+                self._slices[piece.key] = piece
         self._fingerprint: str | None = None
 
     @property
@@ -253,15 +268,24 @@ class PatcherWeights:
         return self._fingerprint
 
     def keys(self) -> Iterator[str]:
-        return iter(self._entries)
+        yield from self._entries
+        yield from self._slices
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._entries or key in self._slices
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if key in self._slices:
+            piece = self._slices[key]
+            return piece.shape(self.shape(piece.base))
         return tuple(self._entries[key][0][0][0].shape)
 
     def get(self, key: str) -> torch.Tensor:
+        if key in self._slices:
+            # The whole fused weight with all its patches, then the rows: a patch on another
+            # slice of it (or on the whole of it) is part of the model this MODEL represents.
+            piece = self._slices[key]
+            return piece.take(self.get(piece.base))
         patches = self._entries[key][0]
         weight, convert_fn = patches[0]
         out = comfy.model_management.cast_to_device(weight, torch.device("cpu"), torch.float32, copy=True)
@@ -306,35 +330,23 @@ def load_lora_file(name: str | None, lora: Mapping[str, torch.Tensor] | None) ->
     return read_lora(_find(("loras",), name, "LoRA"), key_transform=comfy.lora_convert.convert_lora)
 
 
-@dataclass
-class TransferPlan:
-    """Everything ``lorax_core.transfer.transfer_adapter`` needs besides the weights and options."""
-
-    layers: dict[str, AdapterLayer]
-    names: dict[str, str]
-    skipped: dict[str, str]
-
-
 def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | None) -> TransferPlan:
-    """Resolve the LoRA's layer names to source model keys with ComfyUI's key map.
+    """The core's transfer plan with ComfyUI's key map (:func:`lorax_core.pipeline.plan_transfer`).
 
     The key map comes from the target ``MODEL``/``CLIP`` (same family ⇒ same names as the
-    source). Unresolvable, unsupported and — without a target CLIP — text-encoder layers go to
-    ``skipped`` with their reason; the core reports them, nothing is dropped.
+    source). The node's own rule: without a target CLIP, text-encoder layers are skipped with a
+    pointer to the ``target_clip`` input; the core reports them, nothing is dropped.
     """
-    resolved, unresolved = resolve_layers(lora.layers, source.weights.keys(), lora_key_map(model, clip))
-    if clip is None:
-        unresolved = {n: TE_NEEDS_CLIP if n.startswith(TE_LAYER_PREFIXES) else r for n, r in unresolved.items()}
-    skipped = dict(lora.unsupported) | unresolved
-    layers: dict[str, AdapterLayer] = {}
-    names: dict[str, str] = {}
-    for name, key in resolved.items():
-        if key.startswith(TE_PREFIX) and clip is None:
-            skipped[name] = TE_NEEDS_CLIP
-            continue
-        layers[key] = lora.layers[name]
-        names[key] = name
-    return TransferPlan(layers=layers, names=names, skipped=skipped)
+
+    def needs_clip(name: str, key: str | None) -> str:
+        if clip is not None:
+            return ""
+        is_te = name.startswith(TE_LAYER_PREFIXES) if key is None else key.startswith(TE_PREFIX)
+        return TE_NEEDS_CLIP if is_te else ""
+
+    return core_plan_transfer(
+        lora, source.weights, lora_key_map(model, clip), source_name=source.name, host_rule=needs_clip
+    )
 
 
 def similarity_pairs(source: SourceModel, target: PatcherWeights, plan: TransferPlan | None,
@@ -344,22 +356,97 @@ def similarity_pairs(source: SourceModel, target: PatcherWeights, plan: Transfer
     With a LoRA: the layers it patches. Without: every weight a LoRA could patch here
     (the 2-D/4-D targets of ComfyUI's key map present in both models).
     """
+    return [(k, k) for k in _similarity_keys(source, plan, key_map) if k in target]
+
+
+def _similarity_keys(source: SourceModel, plan: TransferPlan | None, key_map: Mapping[str, Any]) -> list[str]:
+    """The source's 2-D/4-D weights the similarity node is asked about (see :func:`similarity_pairs`)."""
     if plan is not None:
         keys = list(plan.layers)
     else:
         targets = {t for t in key_map.values() if isinstance(t, str)}
         keys = [k for k in source.weights.keys() if k in targets]
-    return [(k, k) for k in keys if k in target and len(source.weights.shape(k)) in (2, 4)]
+    return [k for k in keys if k in source.weights and len(source.weights.shape(k)) in (2, 4)]
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    rest = 1
+    for d in shape[1:]:
+        rest *= int(d)
+    return f"{int(shape[0])}×{rest}"
+
+
+def _related_families(source_family: str | None, model: Any) -> bool:
+    """Whether the source's family is the target's or one ComfyUI derives from it (SSD1B and Segmind_Vega are SDXLs)."""
+    if source_family is None:
+        return False
+    config = type(model.model.model_config)
+    source_class = getattr(comfy.supported_models, source_family, None)
+    return source_family == config.__name__ or (
+        isinstance(source_class, type) and (issubclass(config, source_class) or issubclass(source_class, config))
+    )
+
+
+def similarity_precheck(source: SourceModel, model: Any, target: PatcherWeights, keys: list[str],
+                        pairs: list[tuple[str, str]]) -> str:
+    """Explain, before any decomposition, what cannot be compared and why: family, width, depth.
+
+    Reads only names and shapes. Returns one line per finding (empty when the models have the
+    same family, widths and depths): another family; layers the target lacks; layers whose
+    widths differ (never compared: SD1.5's cross-attention is 320×768, SD2's 320×1024);
+    blocks with another depth (a distilled target such as SSD-1B renumbers the blocks it keeps,
+    so its same-named layers may be other layers; Transfer LoRA's ``auto`` pairing checks them
+    by similarity, this table compares names).
+
+    Raises:
+        IncompatibleBaseError: no layer has a namesake of the same shape in the target: nothing
+            could be compared; the message names both families and an example layer.
+    """
+    family = model_family(model)
+    notes: list[str] = []
+    if not _related_families(source.family, model):
+        notes.append(f"the source is {source.family or 'of an unknown family'} and the target is {family}: "
+                     "different model families; unrelated weights score near chance")
+    missing = [k for k in keys if k not in target]
+    if missing:
+        notes.append(f"{len(missing)} of {len(keys)} layers have no namesake in the target (e.g. {missing[0]})")
+    widths = [(s, source.weights.shape(s), target.shape(t)) for s, t in pairs]
+    wide = [(s, a, b) for s, a, b in widths if _dims(a) != _dims(b)]
+    if wide:
+        s, a, b = wide[0]
+        notes.append(f"{len(wide)} of {len(pairs)} layers differ in width and are not compared "
+                     f"(e.g. {s}: source {_dims(a)}, target {_dims(b)}); no transfer across widths")
+    depths = depth_mismatches(
+        [k for k in source.weights.keys() if k.startswith(UNET_PREFIX)],
+        [k for k in target.keys() if k.startswith(UNET_PREFIX)],
+    )
+    if depths:
+        block, (a, b) = next(iter(depths.items()))
+        notes.append(f"{len(depths)} blocks have another depth (e.g. {block}: {a} in the source, {b} in the target); "
+                     "the target renumbers the blocks it keeps, so same-named layers there may be other layers: "
+                     "Transfer LoRA (match auto) pairs them by similarity")
+    if keys and len(wide) == len(pairs):
+        example = f"{wide[0][0]}: source {_dims(wide[0][1])}, target {_dims(wide[0][2])}" if wide else \
+            f"{missing[0]} is not in the target"
+        raise IncompatibleBaseError(
+            f"source {source.name} ({source.family or 'unknown family'}) and target ({family}) share no layer of "
+            f"the same shape among the {len(keys)} asked about (e.g. {example}); nothing can be compared. Pick a "
+            f"target of the source's family, or the source model the target was made from."
+        )
+    return "\n".join(f"pre-check: {note}." for note in notes)
 
 
 def similarity_inputs(source: SourceModel, model: Any, clip: Any | None, lora_name: str,
-                      no_lora: str) -> tuple[PatcherWeights, list[tuple[str, str]]]:
-    """The target weights and the key pairs the similarity node compares."""
+                      no_lora: str) -> tuple[PatcherWeights, list[tuple[str, str]], str]:
+    """The target weights, the key pairs the similarity node compares, and the pre-check's notes."""
     target = PatcherWeights(model, clip)
     plan = None
     if lora_name != no_lora:
         plan = plan_transfer(load_lora_file(lora_name, None), source, model, clip)
-    return target, similarity_pairs(source, target, plan, lora_key_map(model, clip))
+    key_map = lora_key_map(model, clip)
+    keys = _similarity_keys(source, plan, key_map)
+    pairs = similarity_pairs(source, target, plan, key_map)
+    return target, pairs, similarity_precheck(source, model, target, keys, pairs)
 
 
 # --------------------------------------------------------------------------- LORA_MODEL values
@@ -386,23 +473,36 @@ class TransferredLora(dict):
     report: Any
 
 
-def _native_name(model_key: str) -> str:
-    return model_key[: -len(".weight")] if model_key.endswith(".weight") else model_key
+def _native_name(model_key: str, layer_name: str) -> str:
+    """The ``LORA_MODEL`` name of a transferred layer: the model key without ``.weight``.
+
+    A slice of a fused weight (:mod:`lorax_core.slices`) has no such name; it keeps the LoRA's
+    own layer name (``transformer.transformer_blocks.0.attn.to_q``), which ComfyUI's key map
+    sends to the same rows. ``layer_name`` must then be that name, not one made up for the key.
+
+    Raises:
+        FormatError: a slice whose layer name is not one the key map knows (the layer was
+            paired by similarity with another block's slice, which no LoRA name of this file addresses).
+    """
+    if parse_slice_key(model_key) is None:
+        return model_key[: -len(".weight")] if model_key.endswith(".weight") else model_key
+    # output_names falls back to a name derived from the key itself, which ends in the slice suffix.
+    if layer_name.endswith(model_key[model_key.rindex("[") :]):
+        raise FormatError(
+            f"{model_key} is a slice of a fused weight that only ComfyUI's key map can name, and the LoRA has no "
+            "layer for it (a source layer was paired with it by similarity, as when the target has fewer blocks); "
+            "transfer onto a model with the source's blocks, or leave that layer out of the LoRA."
+        )
+    return layer_name
 
 
 def wrap_result(result: TransferResult, plan: TransferPlan, lora: LoraFile, metadata: dict[str, str]) -> TransferredLora:
     """Turn the core's result into a ComfyUI-native ``LORA_MODEL`` with provenance attached."""
     out = TransferredLora()
+    out.layer_names = output_names(result, plan, lora.format)
     for key, factors in result.layers.items():
-        out.update(pair_tensors(_native_name(key), factors, COMFY_STYLE))
-    by_target = {r.target_key: r.source_key for r in result.report.layers if r.target_key is not None}
-    names = {}
-    for key in result.layers:
-        source_key = by_target.get(key, key)
-        same = source_key == key and key in plan.names
-        names[key] = plan.names[key] if same else layer_name_for(key, lora.format)
+        out.update(pair_tensors(_native_name(key, out.layer_names[key]), factors, COMFY_STYLE))
     out.factors = dict(result.layers)
-    out.layer_names = names
     out.lora_file = LoraFile(format=lora.format, layers={}, styles=dict(lora.styles))
     out.metadata = dict(metadata)
     out.report = result.report

@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ..lorax_core.errors import LoraxError, with_context
-from ..lorax_core.formats import TOOL_VERSION
-from ..lorax_core.types import METHODS, TransferOptions, TransferReport
+from ..lorax_core.formats import LoraFile
+from ..lorax_core.pipeline import ModelInfo, output_metadata
+from ..lorax_core.types import METHODS, TransferOptions, TransferReport, TransferResult
 
 if TYPE_CHECKING:
     from ._host import SourceModel
@@ -126,25 +127,21 @@ def report_text(report: TransferReport, header: str) -> str:
     return f"{header}\n{report.summary()}"
 
 
-def provenance(report: TransferReport, options: TransferOptions, source: SourceModel, target_family: str,
-               target_fingerprint: str, lora_name: str) -> dict[str, str]:
-    """String metadata written with a saved LoRA: where it came from and how it was made."""
-    totals = report.totals()
-    return {
-        "lorax.method": options.method,
-        "lorax.rank": str(options.rank),
-        "lorax.threshold": str(options.threshold),
-        "lorax.source_model": source.name,
-        "lorax.source_family": str(source.family),
-        "lorax.source_fingerprint": source.weights.fingerprint,
-        "lorax.target_family": target_family,
-        "lorax.target_fingerprint": target_fingerprint,
-        "lorax.source_lora": lora_name,
-        "lorax.transferred": str(totals["transferred"]),
-        "lorax.skipped": str(totals["skipped"]),
-        "lorax.report": report.to_json(indent=None),
-        "lorax.host": f"ComfyUI node pack {TOOL_VERSION}",
-    }
+def provenance(lora: LoraFile, result: TransferResult, options: TransferOptions, source: SourceModel,
+               target_family: str, target_fingerprint: str, lora_name: str) -> dict[str, str]:
+    """String metadata written with a saved LoRA: the core's one builder
+    (:func:`lorax_core.pipeline.output_metadata`), so the node and the CLI write the same keys and
+    keep the source LoRA's own metadata (trigger words, base model version)."""
+    return output_metadata(
+        lora,
+        options,
+        lora_name=lora_name,
+        source=ModelInfo(name=source.name, fingerprint=source.weights.fingerprint, family=str(source.family or "")),
+        target=ModelInfo(name=f"the connected MODEL ({target_family})", fingerprint=target_fingerprint,
+                         family=target_family),
+        report=result.report,
+        host="ComfyUI node pack",
+    )
 
 
 @contextmanager

@@ -58,10 +58,12 @@ class LoraXSubspaceSimilarity(io.ComfyNode):
     def execute(cls, source, target, lora_name: str, rank: int, threshold: float, use_cache: bool = True,
                 target_clip=None) -> io.NodeOutput:
         with node_errors(DISPLAY_NAME):
-            target_weights, pairs = _host.similarity_inputs(source, target, target_clip, lora_name, NO_LORA)
+            # The pre-check reads names and shapes only: a cross-family or cross-size pair is
+            # explained (or refused) before any decomposition.
+            target_weights, pairs, notes = _host.similarity_inputs(source, target, target_clip, lora_name, NO_LORA)
             table = compute_similarity(
                 source.weights, target_weights, pairs, rank, threshold,
                 cache=_host.subspace_cache(use_cache), device=_host.compute_device(), progress=_host.progress_callback(),
             )
-        text = table.summary()
+        text = f"{notes}\n{table.summary()}" if notes else table.summary()
         return io.NodeOutput(table, similarity_chart(table), text, ui=ui.PreviewText(text))

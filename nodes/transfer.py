@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
+from ..lorax_core.pipeline import check_source_bases
 from ..lorax_core.transfer import transfer_adapter
 from . import _host
 from ._types import LoraxSimilarity, LoraxSource
@@ -72,13 +73,16 @@ class LoraXTransferLoRA(io.ComfyNode):
             target_weights = _host.PatcherWeights(target, target_clip)
             plan = _host.plan_transfer(lora_file, source, target, target_clip)
             options = transfer_options(method, rank, threshold, _host.compute_device())
+            cache = _host.subspace_cache(use_cache)
+            bases_note = check_source_bases(lora_file, plan, source.weights, cache, options.device)
             result = transfer_adapter(
                 plan.layers, source.weights, target_weights, options, names=plan.names, skipped=plan.skipped,
-                similarity=similarity, cache=_host.subspace_cache(use_cache), progress=_host.progress_callback(),
+                similarity=similarity, cache=cache, progress=_host.progress_callback(),
             )
-        lora_name_used = "LORA_MODEL input" if lora is not None else lora_name
-        meta = provenance(result.report, options, source, _host.model_family(target), target_weights.fingerprint,
-                          lora_name_used)
-        out = _host.wrap_result(result, plan, lora_file, meta)
+            lora_name_used = "LORA_MODEL input" if lora is not None else lora_name
+            meta = provenance(lora_file, result, options, source, _host.model_family(target),
+                              target_weights.fingerprint, lora_name_used)
+            out = _host.wrap_result(result, plan, lora_file, meta)
         text = report_text(result.report, f"{lora_name_used}: {source.family} → {_host.model_family(target)}")
+        text = f"{text}\n{bases_note}" if bases_note else text
         return io.NodeOutput(out, text, ui=ui.PreviewText(text))

@@ -102,9 +102,9 @@ def run_lorax(
 ) -> dict[str, object]:
     """The product path, as the CLI runs it: open models lazily, read+resolve the LoRA, transfer, write."""
     from lorax_core.cache import DiskCache, NullCache
-    from lorax_core.cli import output_layers, prepare_layers
     from lorax_core.formats import read_lora, write_lora
     from lorax_core.modelio import open_model
+    from lorax_core.pipeline import output_names, plan_transfer
     from lorax_core.transfer import transfer_adapter
     from lorax_core.types import TransferOptions
 
@@ -112,16 +112,18 @@ def run_lorax(
     src_model, tgt_model = open_model(source), open_model(target)
     src, tgt = TimedSource(src_model), TimedSource(tgt_model)
     lora = read_lora(lora_path)
-    layers, names, skipped = prepare_layers(lora, src_model)
+    plan = plan_transfer(lora, src_model)
     if keys is not None:
-        layers = {k: v for k, v in layers.items() if k in keys}
+        plan.layers = {k: v for k, v in plan.layers.items() if k in keys}
     t1 = time.perf_counter()
     cache = TimedCache(DiskCache(cache_dir) if cache_dir is not None else NullCache())
     result = transfer_adapter(
-        layers, src, tgt, TransferOptions(rank=rank, device=device), names=names, skipped=skipped, cache=cache
+        plan.layers, src, tgt, TransferOptions(rank=rank, device=device), names=plan.names, skipped=plan.skipped,
+        cache=cache,
     )
     t2 = time.perf_counter()
-    write_lora(out, output_layers(result.layers, names, lora, "source"), style=lora, overwrite=True)
+    names = output_names(result, plan, lora.format)
+    write_lora(out, {names[k]: f for k, f in result.layers.items()}, style=lora, overwrite=True)
     t3 = time.perf_counter()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     totals = result.report.totals()
@@ -131,7 +133,7 @@ def run_lorax(
     return {
         "seconds": t3 - t0,
         "process_cpu_s": cpu.ru_utime + cpu.ru_stime,
-        "layers": len(layers),
+        "layers": len(plan.layers),
         "transferred": totals["transferred"],
         "skipped": totals["skipped"],
         "skipped_by_reason": totals["skipped_by_reason"],
@@ -230,13 +232,13 @@ def run_naive(
 
 def run_scaling(family_dir: Path, work: Path, device: str, rank: int = 320) -> dict[str, object]:
     """Cold (empty cache) and warm time vs number of LoRA layers (2, 4, 8; rank 32) and vs LoRA rank (4 layers)."""
-    from lorax_core.cli import prepare_layers
     from lorax_core.formats import read_lora
     from lorax_core.modelio import open_model
+    from lorax_core.pipeline import plan_transfer
 
     source, target = family_dir / "source.safetensors", family_dir / "target.safetensors"
     lora_a = read_lora(family_dir / "lora_a.safetensors")
-    all_keys = sorted(prepare_layers(lora_a, open_model(source))[0])
+    all_keys = sorted(plan_transfer(lora_a, open_model(source)).layers)
     rows: list[dict[str, object]] = []
 
     def measure(n_layers: int, rank: int, cold_lora: Path, warm_lora: Path) -> None:

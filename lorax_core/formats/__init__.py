@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,10 +26,10 @@ from ..types import AdapterLayer, LoraFactors, LoraXFactors
 from .base import FormatHandler, LoraFile, pair_tensors
 from .comfy import ComfyHandler
 from .io import TOOL_NAME, TOOL_VERSION, load_tensors, read_header, save_tensors
-from .keys import COMFY_STYLE, KOHYA_STYLE, PEFT_STYLE, KeyStyle, split_key
+from .keys import ALPHA_SUFFIX, COMFY_STYLE, KOHYA_STYLE, PEFT_STYLE, KeyStyle, split_key
 from .kohya import KohyaHandler
 from .lorax import FORMAT_METADATA, LoraxHandler, lorax_tensors
-from .peft import PeftHandler
+from .peft import PeftHandler, metadata_alphas, rewrite_adapter_metadata
 
 __all__ = [
     "HANDLERS",
@@ -102,6 +103,15 @@ def parse_lora(
             unsupported[layer] = built
         else:
             layers[layer], styles[layer] = built
+    # diffusers applies lora_alpha / r from the file's lora_adapter_metadata to PEFT layers
+    # without an .alpha tensor; read them at that scale (docs/FORMATS.md, "Scale").
+    alphaless = {
+        name: layer
+        for name, layer in layers.items()
+        if claimed[name].name == PeftHandler.name and isinstance(layer, LoraFactors) and layer.alpha is None
+    }
+    for name, alpha in metadata_alphas(alphaless, metadata or {}).items():
+        layers[name] = replace(alphaless[name], alpha=alpha)  # type: ignore[type-var]
     counts = Counter(h.name for h in claimed.values())
     return LoraFile(
         format=counts.most_common(1)[0][0],
@@ -165,7 +175,10 @@ def write_lora(
             ``diffusion_model.…`` for comfy). LoRA-X layers are written in the LoRA-X format.
         style: a :class:`LoraFile` (each layer keeps the key style it was read with; layers it
             does not know use its format's default), or ``"kohya"``, ``"comfy"``, ``"peft"``.
-        metadata: string metadata; the tool name/version are added.
+        metadata: string metadata; the tool name/version are added. A diffusers
+            ``lora_adapter_metadata`` is rewritten to describe the written ranks with
+            ``lora_alpha = r``, or dropped when a layer is written with an ``.alpha`` tensor
+            (:func:`~lorax_core.formats.peft.rewrite_adapter_metadata`).
         overwrite: replace an existing file (otherwise :class:`OutputExistsError`).
         extra_files: ``{path: text}`` written together with the LoRA — both or neither — e.g. its
             JSON report (:func:`~lorax_core.formats.io.save_tensors`).
@@ -188,6 +201,8 @@ def write_lora(
         raise FormatError(f"unknown output style {style!r}; use one of {', '.join(_STYLES)} or a source LoraFile.")
     tensors: dict[str, torch.Tensor] = {}
     has_lorax = False
+    alphaless: dict[str, int] = {}  # {layer: rank} written without .alpha (scale folded into up)
+    with_alpha = False
     for name, layer in layers.items():
         if isinstance(layer, LoraXFactors):
             part = lorax_tensors(name, layer)
@@ -197,6 +212,10 @@ def write_lora(
             if layer_style.down.startswith(".lorax"):
                 layer_style = COMFY_STYLE
             part = pair_tensors(name, layer, layer_style)
+            if f"{name}{ALPHA_SUFFIX}" in part:
+                with_alpha = True
+            else:
+                alphaless[name] = layer.rank
         else:
             raise FormatError(f"layer {name!r}: cannot write a {type(layer).__name__}; expected LoraFactors.")
         clash = tensors.keys() & part.keys()
@@ -204,6 +223,9 @@ def write_lora(
             raise FormatError(f"layer {name!r}: key {sorted(clash)[0]!r} is written twice; layer names must be unique.")
         tensors.update(part)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    # A copied lora_adapter_metadata would describe the source's ranks and alpha (diffusers then
+    # refuses the file, or rescales it); describe what is written instead.
+    meta = rewrite_adapter_metadata(meta, alphaless, has_alpha_layers=with_alpha or has_lorax)
     meta.setdefault("lorax.tool", TOOL_NAME)
     meta.setdefault("lorax.tool_version", TOOL_VERSION)
     if has_lorax:

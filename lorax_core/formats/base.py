@@ -38,7 +38,9 @@ class LoraFile:
     Attributes:
         format: the handler that claimed most layers (``kohya``, ``comfy``, ``peft``, ``lorax``).
         layers: ``{layer name: LoraFactors | LoraXFactors}`` in the file's dtype, on CPU, with
-            ``alpha`` exactly as read (``None`` when the file had no ``.alpha``).
+            ``alpha`` exactly as read (``None`` when the file had no ``.alpha``), or, for PEFT
+            layers without one, the alpha that reproduces the scale diffusers reads from the
+            file's ``lora_adapter_metadata`` (:func:`~lorax_core.formats.peft.metadata_alphas`).
         unsupported: ``{layer name or key: reason}`` for everything that is not a transferable
             layer (LoHa, LoKr, DoRA, tucker, ``.diff`` …, unknown keys). Never silently dropped.
         metadata: the file's string metadata.

@@ -544,8 +544,11 @@ def write_files(files: Sequence[tuple[Path, bytes]], *, overwrite: bool = False)
     written are they moved to their final names, without replacing anything unless
     ``overwrite`` (a hard link, which fails if the name exists, with a check-then-rename
     fallback on file systems without links). If a later move fails, the files already moved
-    are removed again. Temporary files are removed on every failure; those a killed process
-    left behind are removed by a later write into the same folder once they are an hour old.
+    are removed again, and with ``overwrite`` the files they replaced are put back (each is
+    kept under a temporary name until every move succeeded), so a failed ``--overwrite`` never
+    costs the user the LoRA they had. Temporary files are removed on every failure; those a
+    killed process left behind are removed by a later write into the same folder once they
+    are an hour old.
 
     Raises:
         OutputError: the operating system refused a write (the message names the file, the
@@ -554,13 +557,14 @@ def write_files(files: Sequence[tuple[Path, bytes]], *, overwrite: bool = False)
     """
     temps: list[Path] = []
     published: list[Path] = []
+    backups: dict[Path, Path] = {}  # final name → the file it held before (overwrite only)
     current = files[0][0] if files else Path()
     finished = False
     try:
         for path, data in files:
             current = path
             _sweep_stale_temps(path.parent)
-            tmp = path.parent / f"{_TEMP_PREFIX}{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+            tmp = _temp_name(path)
             temps.append(tmp)
             fd = _create(tmp)
             try:
@@ -570,6 +574,8 @@ def write_files(files: Sequence[tuple[Path, bytes]], *, overwrite: bool = False)
                 os.close(fd)
         for (path, _), tmp in zip(files, temps, strict=True):
             current = path
+            if overwrite and path.is_file():
+                backups[path] = _keep_aside(path)
             _publish(tmp, path, overwrite)
             published.append(path)
         finished = True
@@ -577,11 +583,43 @@ def write_files(files: Sequence[tuple[Path, bytes]], *, overwrite: bool = False)
         raise _write_failure(current, exc) from None
     finally:
         if not finished:
-            # Both or neither: a report without its LoRA (or the reverse) is not left behind.
+            # Both or neither: a report without its LoRA (or the reverse) is not left behind,
+            # and what an overwrite replaced comes back.
             for path in published:
                 _remove_quietly(path)
+            for path, backup in backups.items():
+                _restore_quietly(backup, path)
+        for backup in backups.values():
+            _remove_quietly(backup)
         for tmp in temps:
             _remove_quietly(tmp)
+
+
+def _temp_name(path: Path) -> Path:
+    """A fresh temporary name next to ``path`` (swept by :func:`_sweep_stale_temps` if left behind)."""
+    return path.parent / f"{_TEMP_PREFIX}{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+
+
+def _keep_aside(path: Path) -> Path:
+    """A second name for the existing file at ``path``, so a failed overwrite can put it back.
+
+    A hard link keeps ``path`` itself in place (no moment without it); where links are not
+    supported the file is renamed aside instead.
+    """
+    backup = _temp_name(path)
+    try:
+        os.link(path, backup)
+    except OSError:
+        path.replace(backup)
+    return backup
+
+
+def _restore_quietly(backup: Path, path: Path) -> None:
+    """Put a kept-aside file back at ``path`` (best effort: this runs while handling another error)."""
+    try:
+        backup.replace(path)
+    except OSError:
+        pass
 
 
 def _create(path: Path) -> int:

@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "ADAPTER_METADATA_KEY",
     "ALPHA_SUFFIX",
     "COMFY_PREFIXES",
     "COMFY_STYLE",
+    "DIFFUSERS_ATTENTION_SPELLINGS",
     "DIFFUSERS_BLOCK_MARKERS",
+    "DIFFUSERS_COMPONENTS",
     "KOHYA_PREFIXES",
     "KOHYA_STYLE",
     "KOHYA_TEXT_ENCODERS",
@@ -24,6 +27,8 @@ __all__ = [
     "PAIR_STYLES",
     "PEFT_PREFIXES",
     "PEFT_STYLE",
+    "PEFT_WRAPPER",
+    "TEXT_MODEL_SPELLINGS",
     "UNSUPPORTED_SUFFIXES",
     "KeyStyle",
     "split_key",
@@ -134,6 +139,35 @@ PEFT_PREFIXES: tuple[str, ...] = (
     "transformer.",
     "text_encoder_2.",
     "text_encoder.",
+)
+# PEFT's wrapper around a model (``PeftModel.state_dict()``; also after a component prefix,
+# ``unet.base_model.model.…``): not part of the module path.
+PEFT_WRAPPER = "base_model.model."
+# The pipeline components diffusers prefixes LoRA keys and ``lora_adapter_metadata`` fields with.
+DIFFUSERS_COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# diffusers/PEFT's metadata key holding the adapter's LoraConfig as JSON (diffusers
+# ``loaders/lora_base.py`` LORA_ADAPTER_METADATA_KEY).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+# Attention projections: PEFT names the module (``attn1.to_q``, ``attn1.to_out.0``); ComfyUI's
+# key map (comfy/lora.py model_lora_keys_unet) spells the old attention-processor form
+# (``attn1.processor.to_q``, ``attn1.processor.to_out``). (PEFT tail, ComfyUI tail) pairs.
+DIFFUSERS_ATTENTION_SPELLINGS: tuple[tuple[str, str], ...] = (
+    (".to_q", ".processor.to_q"),
+    (".to_k", ".processor.to_k"),
+    (".to_v", ".processor.to_v"),
+    (".to_out.0", ".processor.to_out"),
+)
+# CLIP text encoders: transformers 5 dropped the ``text_model`` wrapper from ``CLIPTextModel``
+# (``text_encoder.encoder.layers.N``, and after diffusers' convert_state_dict_to_kohya
+# ``lora_te1_encoder_layers_N``); transformers 4, kohya and ComfyUI spell
+# ``text_encoder.text_model.encoder.layers.N`` / ``lora_te1_text_model_encoder_layers_N``.
+# (transformers-5 head, classic head) pairs.
+TEXT_MODEL_SPELLINGS: tuple[tuple[str, str], ...] = (
+    ("text_encoder.encoder.", "text_encoder.text_model.encoder."),
+    ("text_encoder_2.encoder.", "text_encoder_2.text_model.encoder."),
+    ("lora_te_encoder_", "lora_te_text_model_encoder_"),
+    ("lora_te1_encoder_", "lora_te1_text_model_encoder_"),
+    ("lora_te2_encoder_", "lora_te2_text_model_encoder_"),
 )
 # The top-level namespaces of model keys (lorax_core.modelio).
 MODEL_KEY_PREFIXES: tuple[str, ...] = ("diffusion_model.", "text_encoders.")

@@ -11,17 +11,38 @@ key map decides; without it we resolve, in order:
 4. kohya names against the model's own keys, dots ↔ underscores (``lora_unet_`` ↔
    ``diffusion_model.``, ``lora_te_``/``lora_te1_``/``lora_te2_`` ↔ the text encoders).
 
+Every step (the key map too) tries each spelling of :func:`name_spellings` — the name as written,
+then without PEFT's ``base_model.model.``, with transformers-5 CLIP names given back their
+``text_model.``, and with PEFT attention names in ComfyUI's ``processor.`` form.
+
 Diffusers block names (``down_blocks.0.attentions.0…``) follow a different module layout that only
-ComfyUI's per-family tables translate; such layers are reported with a pointer to ``--comfyui``.
+ComfyUI's per-family tables translate; without a key map such layers are reported with a pointer
+to ``--comfyui``, with one as unknown to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from .keys import DIFFUSERS_BLOCK_MARKERS, KOHYA_TEXT_ENCODERS
+from ..slices import slice_from_comfy
+from .keys import (
+    DIFFUSERS_ATTENTION_SPELLINGS,
+    DIFFUSERS_BLOCK_MARKERS,
+    DIFFUSERS_COMPONENTS,
+    KOHYA_TEXT_ENCODERS,
+    PEFT_WRAPPER,
+    TEXT_MODEL_SPELLINGS,
+)
 
-__all__ = ["NEEDS_COMFYUI", "KeyMap", "kohya_index", "layer_name_for", "resolve_layers"]
+__all__ = [
+    "NEEDS_COMFYUI",
+    "NOT_IN_KEY_MAP",
+    "KeyMap",
+    "kohya_index",
+    "layer_name_for",
+    "name_spellings",
+    "resolve_layers",
+]
 
 KeyMap = Mapping[str, "str | tuple[str, object]"]
 """ComfyUI's ``model_lora_keys_unet``/``model_lora_keys_clip`` output: {LoRA prefix: model key or
@@ -38,6 +59,10 @@ _UNET_KOHYA_PREFIXES: tuple[str, ...] = ("lora_unet_", "lora_transformer_", "lyc
 NEEDS_COMFYUI = (
     "diffusers-style block name: only ComfyUI's per-family key tables map it onto this model's layers; "
     "pass --comfyui PATH (a ComfyUI install) to the command, or load the LoRA inside ComfyUI"
+)
+NOT_IN_KEY_MAP = (
+    "neither ComfyUI's key map for this model nor its weight names know this layer (in any spelling diffusers, "
+    "PEFT or kohya give it): the LoRA was made for another model family or another part of the model"
 )
 
 
@@ -86,8 +111,12 @@ def resolve_layers(
     Args:
         layer_names: the LoRA file's layer names.
         model_keys: every key of the (source) model, in the :mod:`lorax_core.modelio` namespace.
-        key_map: ComfyUI's key map, when available; tried first. Sliced targets (fused qkv
-            weights) are reported as unresolved.
+        key_map: ComfyUI's key map, when available; tried first. A sliced target (part of a
+            fused weight such as Flux's qkv) resolves to the slice's canonical key
+            ``<model key>[<dim>:<offset>:<size>]`` (:mod:`lorax_core.slices`). A model file
+            serves such a key once asked for it (``SafetensorsWeights.shape``/``get``; a
+            *target* file needs ``add_slices`` before the transfer pairs layers); the node's
+            ``PatcherWeights`` lists every slice of ComfyUI's key map.
 
     Returns:
         ``(resolved, unresolved)``: ``{layer name: model key}`` and ``{layer name: reason}``.
@@ -113,28 +142,74 @@ def resolve_layers(
 def _resolve_one(
     name: str, keys: set[str], index: Mapping[str, str], ambiguous: set[str], key_map: KeyMap | None
 ) -> tuple[str | None, str]:
-    if key_map is not None and name in key_map:
-        target = key_map[name]
+    spellings = name_spellings(name)
+    mapped = next((s for s in spellings if s in key_map), None) if key_map is not None else None
+    if key_map is not None and mapped is not None:
+        target = key_map[mapped]
         if isinstance(target, tuple):
-            return None, "targets a slice of a fused weight (e.g. Flux qkv); fused weight slices are not supported yet"
+            return _resolve_slice(target, keys)
         if target in keys:
             return target, ""
         return None, f"ComfyUI maps it to {target}, which the source model does not have"
-    candidates = [f"{name}.weight"]
-    for prefix, model_prefix in _PEFT_TO_MODEL:
-        if name.startswith(prefix):
-            candidates.append(f"{model_prefix}{name[len(prefix) :]}.weight")
-    candidates.append(f"diffusion_model.{name}.weight")
+    candidates = []
+    for spelling in spellings:
+        candidates.append(f"{spelling}.weight")
+        for prefix, model_prefix in _PEFT_TO_MODEL:
+            if spelling.startswith(prefix):
+                candidates.append(f"{model_prefix}{spelling[len(prefix) :]}.weight")
+        candidates.append(f"diffusion_model.{spelling}.weight")
     for candidate in candidates:
         if candidate in keys:
             return candidate, ""
-    if name in index:
-        return index[name], ""
+    indexed = next((s for s in spellings if s in index), None)
+    if indexed is not None:
+        return index[indexed], ""
     if name in ambiguous:
         return None, "its kohya name matches several model weights once dots become underscores; ambiguous"
+    if key_map is not None:
+        return None, NOT_IN_KEY_MAP
     if any(marker in name for marker in DIFFUSERS_BLOCK_MARKERS):
         return None, NEEDS_COMFYUI
     return None, "no weight of that name in the source model (wrong base model family, or a LoRA for another part)"
+
+
+def name_spellings(name: str) -> list[str]:
+    """``name`` and the other spellings the ecosystem's tools give the same module, ``name`` first.
+
+    * PEFT's model wrapper dropped: ``base_model.model.X`` → ``X``, ``unet.base_model.model.X`` → ``unet.X``;
+    * transformers-5 CLIP names with the ``text_model`` wrapper put back:
+      ``text_encoder.encoder.layers.0…`` → ``text_encoder.text_model.encoder.layers.0…``;
+    * PEFT's attention names in ComfyUI's attention-processor spelling: ``…attn1.to_q`` →
+      ``…attn1.processor.to_q``, ``…to_out.0`` → ``…processor.to_out`` (the only spelling
+      ComfyUI's ``model_lora_keys_unet`` lists for diffusers UNet attention layers).
+
+    Spelling tables: :data:`~.keys.TEXT_MODEL_SPELLINGS`, :data:`~.keys.DIFFUSERS_ATTENTION_SPELLINGS`.
+    """
+    forms = [name]
+    component, _, rest = name.partition(".")
+    if name.startswith(PEFT_WRAPPER):
+        forms.append(name[len(PEFT_WRAPPER) :])
+    elif component in DIFFUSERS_COMPONENTS and rest.startswith(PEFT_WRAPPER):
+        forms.append(f"{component}.{rest[len(PEFT_WRAPPER) :]}")
+    for form in list(forms):
+        forms.extend(classic + form[len(new) :] for new, classic in TEXT_MODEL_SPELLINGS if form.startswith(new))
+    for form in list(forms):
+        forms.extend(form[: -len(tail)] + comfy for tail, comfy in DIFFUSERS_ATTENTION_SPELLINGS if form.endswith(tail))
+    return forms
+
+
+def _resolve_slice(target: tuple[str, object], keys: set[str]) -> tuple[str | None, str]:
+    """A key-map entry ``(model key, (dim, offset, size))`` as the slice's canonical key (:mod:`..slices`).
+
+    Whether the slice fits the weight's shape is checked by the weight sources, which know shapes.
+    """
+    base, spec = target[0], target[1] if len(target) > 1 else None
+    piece = slice_from_comfy(base, spec)
+    if piece is None:
+        return None, f"ComfyUI maps it to part {spec!r} of {base}, a slice description this version cannot read"
+    if base not in keys:
+        return None, f"ComfyUI maps it to a slice of {base}, which the source model does not have"
+    return piece.key, ""
 
 
 def layer_name_for(model_key: str, fmt: str) -> str:

@@ -63,6 +63,34 @@ def test_disk_full_on_the_report_leaves_neither_file(files, capsys, monkeypatch)
     assert _names(files.dir) == INPUTS
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_failed_overwrite_gives_back_the_files_it_was_replacing(files, capsys, monkeypatch, links) -> None:
+    """``--overwrite`` whose report fails to publish: the user's old LoRA and report come back."""
+    out, report = files.dir / "out.safetensors", files.dir / "out.report.json"
+    out.write_bytes(b"the user's old LoRA")
+    report.write_text("the old report")
+    if not links:  # a file system without hard links: the old files are renamed aside instead
+        monkeypatch.setattr(io_module.os, "link", _no_links)
+    _fail_on_call(monkeypatch, "_publish", 2, OSError(errno.EIO, "Input/output error"))
+    assert main(transfer_argv(files, "out.safetensors", "--overwrite", report=report)) == 2
+    assert one_error_line(capsys).startswith(f"lorax_core transfer: error: {report}: could not write the file")
+    assert out.read_bytes() == b"the user's old LoRA" and report.read_text() == "the old report"
+    assert _names(files.dir) == sorted([*INPUTS, out.name, report.name])  # no backup or temporary left
+
+
+def _no_links(src: object, dst: object) -> None:
+    raise OSError(errno.EPERM, "Operation not permitted")
+
+
+def test_a_successful_overwrite_leaves_no_backup(files) -> None:
+    out, report = files.dir / "out.safetensors", files.dir / "out.report.json"
+    out.write_bytes(b"old")
+    report.write_text("old")
+    assert main(transfer_argv(files, "out.safetensors", "--overwrite", report=report)) == 0
+    assert read_lora(out).layers and json.loads(report.read_text())["totals"]["transferred"] == 9
+    assert _names(files.dir) == sorted([*INPUTS, out.name, report.name])
+
+
 def test_disk_full_on_the_lora(tmp_path, monkeypatch) -> None:
     _fail_on_call(monkeypatch, "_write_all", 1, OSError(errno.ENOSPC, "No space left on device"))
     out = tmp_path / "o.safetensors"

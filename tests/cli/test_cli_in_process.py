@@ -73,7 +73,7 @@ def test_shape_mismatch(files, capsys):
         f"lorax_core transfer: error: {files.lora}: no layer fits {files.source} (9 shape mismatches"
     )
     assert f"the LoRA layer is {2 * WIDTH}×{WIDTH} but the source weight is {WIDTH}×{WIDTH}" in line
-    assert line.endswith("Pass the model it was trained on as --source.")
+    assert line.endswith("Use the model it was trained on as the source model.")
 
 
 def test_nothing_transferable_unsupported_only(files, capsys):

@@ -11,6 +11,8 @@ const LORAX_NODES = new Set([
   "LoraXApplyTransferredLoRA",
   "LoraXSaveTransferredLoRA",
   "LoraXRefineTransferredLoRA",
+  "LoraXTrainLoRAX",
+  "LoraXSaveLoRAX",
 ]);
 const WIDGET_NAME = "lorax_report";
 // The last report is also kept in the node's properties, which are saved with the workflow: after a
