@@ -375,7 +375,7 @@ def predictions(model: Any, setup: RefineSetup, probes: Probes, batch: int, seed
     return with_denoiser(model, setup.conds, (min(batch, len(probes)), *probes.x.shape[1:]), body, seed)
 
 
-def _copy_weight(weight: torch.Tensor) -> torch.Tensor:
+def copy_weight(weight: torch.Tensor) -> torch.Tensor:
     # Any weight (or bias) function makes ComfyUI's ops hand it a fresh copy of the tensor; that
     # copy is an ordinary tensor even when the stored one was made under inference mode (every
     # MODEL a node loads), which autograd refuses to save for the backward pass (layer norms
@@ -396,18 +396,27 @@ def _student(target: Any, layers: Mapping[str, LoraFactors]) -> tuple[Any, dict[
         # LoraDiff's scale is alpha / rank; LoraFactors.scale is alpha / rank, or 1 without alpha.
         adapters[key] = LoraDiff((f.up2d().float(), f.down2d().float(), f.scale * f.rank, None, None, None))
         student.add_weight_wrapper(key, adapters[key])
+    copy_other_weights(student, adapters)
+    return student, adapters
+
+
+def copy_other_weights(student: Any, adapters: Mapping[str, Any]) -> None:
+    """Give every weight and bias of ``student`` without an adapter the copying wrapper.
+
+    Weights loaded under inference mode cannot be saved for backward; their copies can (see
+    :func:`copy_weight`). Shared by Refine and Train LoRA-X (``_train_host``).
+    """
     for name, module in student.model.named_modules():
         if not hasattr(module, "weight_function"):
             continue
         for part in ("weight", "bias"):
             key = f"{name}.{part}"
             if getattr(module, part, None) is not None and key not in adapters:
-                student.add_weight_wrapper(key, _copy_weight)
-    return student, adapters
+                student.add_weight_wrapper(key, copy_weight)
 
 
 @contextmanager
-def _trainable(student: Any, adapters: Mapping[str, LoraDiff]) -> Iterator[None]:
+def trainable(student: Any, adapters: Mapping[str, LoraDiff]) -> Iterator[None]:
     """Load ``student`` for training; undo on the way out what that changed on the shared model.
 
     The clone shares its modules with the target ``MODEL``, so the weight functions ComfyUI
@@ -433,7 +442,7 @@ def _trainable(student: Any, adapters: Mapping[str, LoraDiff]) -> Iterator[None]
     finally:
         for module in blocks:
             unpatch(module)
-        ours = {id(f) for f in (*adapters.values(), _copy_weight)}
+        ours = {id(f) for f in (*adapters.values(), copy_weight)}
         for module in student.model.modules():
             for attr in ("weight_function", "bias_function"):
                 if getattr(module, attr, None):
@@ -458,7 +467,7 @@ def train(setup: RefineSetup, probes: Probes, targets: torch.Tensor, baseline: t
                           progress=lambda done, total: progress.tick(),
                           check=comfy.model_management.throw_exception_if_processing_interrupted)
 
-        with _trainable(student, adapters):
+        with trainable(student, adapters):
             shape = (min(options.batch, len(probes)), *probes.x.shape[1:])
             result = with_denoiser(student, setup.conds, shape, body, options.seed)
     refined = {key: factors_like(setup.layers[key], a.lora_up.weight, a.lora_down.weight)

@@ -10,7 +10,7 @@ runs that same machinery (COMFYUI.md §7 "reuse; do not rewrite"):
   (``SubspaceProvider`` over ``_host.PatcherWeights`` and ``_host.subspace_cache``), float32 and
   sign-fixed, so the trained ΔΣ means the same on any machine that has the source model;
 * the student is a clone of the ``MODEL`` with the wrappers, loaded and restored by
-  ``_refine_host._trainable`` (gradient checkpointing, ``requires_grad``, weight functions);
+  ``_refine_host.trainable`` (gradient checkpointing, ``requires_grad``, weight functions);
 * ``TrainSampler`` runs the steps with ComfyUI's x0 MSE loss and an AdamW over the cores only.
 
 The trained MODEL output is a fresh clone of the input with the exact standard-LoRA form of the
@@ -41,7 +41,7 @@ from ..lorax_core.lorax_module import LoraXDelta
 from ..lorax_core.similarity import SubspaceProvider
 from ..lorax_core.types import LoraFactors, LoraXFactors
 from . import _host
-from ._refine_host import _copy_weight, _trainable
+from ._refine_host import copy_other_weights, trainable
 
 Conditioning = list[list[Any]]
 
@@ -222,15 +222,7 @@ def _student(
         clipped += R < rank
         adapters[key] = LoraXDiff(LoraXDelta(bases(key, R), shape))
         student.add_weight_wrapper(key, adapters[key])
-    # Every other weight gets the copying wrapper Refine uses: weights loaded under inference
-    # mode cannot be saved for backward, their copies can (see _refine_host._copy_weight).
-    for name, module in student.model.named_modules():
-        if not hasattr(module, "weight_function"):
-            continue
-        for part in ("weight", "bias"):
-            key = f"{name}.{part}"
-            if getattr(module, part, None) is not None and key not in adapters:
-                student.add_weight_wrapper(key, _copy_weight)
+    copy_other_weights(student, adapters)
     return student, adapters, clipped
 
 
@@ -275,7 +267,7 @@ def train(
         noise = Noise_RandomNoise(seed)
         # TrainSampler draws timesteps and batches from torch's global generator: seed a fork of it,
         # so a run is reproducible and the caller's random state is left alone.
-        with torch.random.fork_rng(devices=[]), _trainable(student, adapters):
+        with torch.random.fork_rng(devices=[]), trainable(student, adapters):
             torch.manual_seed(seed)
             guider.sample(
                 noise.generate_noise({"samples": latents}), latents, sampler, torch.arange(latents.shape[0]), seed=seed
