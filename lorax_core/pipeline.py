@@ -144,6 +144,14 @@ def plan_transfer(
     for name, key in resolved.items():
         layer = lora.layers[name]
         problem = shape_problem(layer, tuple(source.shape(key)))
+        piece = parse_slice_key(key)
+        if problem and piece is not None:
+            # Inside ComfyUI the key map comes from the *target* model: a target of another size
+            # of the family (SD3.5 Medium for a Large LoRA) cuts the fused weight at other rows.
+            problem += (
+                f" (rows {piece.offset}–{piece.offset + piece.size - 1} of the fused weight {piece.base}, "
+                "where the key map slices it; a target model of another size of this family slices it elsewhere)"
+            )
         if problem:
             skipped[name] = problem
             mismatches.append(f"{name}: {problem}")
