@@ -189,13 +189,23 @@ def generation_latent(latent: Mapping[str, Any], model: Any) -> torch.Tensor:
                           "are the generations').")  # fmt: skip
     if samples.shape[0] == 0:
         raise OptionError("latent has batch size 0; give Empty Latent Image a batch size of 2 or more.")
+    return fit_latent(model, samples, "latent", "connect an Empty Latent Image made for this model")
+
+
+def fit_latent(model: Any, samples: torch.Tensor, name: str, fix: str) -> torch.Tensor:
+    """``samples`` with the model's latent channels (``fix_empty_latent_channels``), shape-checked.
+
+    Raises:
+        OptionError: not the model's channel count or dimensionality; the message names the
+            input (``name``) and ends with the node's own ``fix``.
+    """
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
     fmt = model.get_model_object("latent_format")
     want = (fmt.latent_channels, 2 + fmt.latent_dimensions)
     if (samples.shape[1], samples.ndim) != want:
         raise OptionError(
-            f"latent has shape {tuple(samples.shape)} but {_host.model_family(model)} models take {want[0]}-channel "
-            f"{want[1] - 2}-D latents; connect an Empty Latent Image made for this model."
+            f"{name} has shape {tuple(samples.shape)} but {_host.model_family(model)} models take {want[0]}-channel "
+            f"{want[1] - 2}-D latents; {fix}."
         )
     return samples
 

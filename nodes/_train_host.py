@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import comfy.sample
 import torch
 from comfy.weight_adapter.base import WeightAdapterTrainBase
 from comfy_extras.nodes_custom_sampler import Guider_Basic, Noise_RandomNoise
@@ -41,7 +40,7 @@ from ..lorax_core.lorax_module import LoraXDelta
 from ..lorax_core.similarity import SubspaceProvider
 from ..lorax_core.types import LoraFactors, LoraXFactors
 from . import _host
-from ._refine_host import copy_other_weights, trainable
+from ._refine_host import copy_other_weights, fit_latent, trainable
 
 Conditioning = list[list[Any]]
 
@@ -167,14 +166,7 @@ def prepare(model: Any, latent: Mapping[str, Any], positive: Conditioning, kind:
         raise OptionError("latents must be a LATENT of training images, e.g. VAE Encode's output of your images.")
     if samples.shape[0] == 0:
         raise OptionError("latents has batch size 0; encode at least one training image.")
-    samples = comfy.sample.fix_empty_latent_channels(model, samples)
-    fmt = model.get_model_object("latent_format")
-    want = (fmt.latent_channels, 2 + fmt.latent_dimensions)
-    if (samples.shape[1], samples.ndim) != want:
-        raise OptionError(
-            f"latents has shape {tuple(samples.shape)} but {_host.model_family(model)} models take {want[0]}-channel "
-            f"{want[1] - 2}-D latents; encode the training images with this model's VAE."
-        )
+    samples = fit_latent(model, samples, "latents", "encode the training images with this model's VAE")
     count = samples.shape[0]
     if not positive or len(positive) not in (1, count):
         raise OptionError(

@@ -62,3 +62,13 @@ PACK = _load_pack()
 def pack_module(name: str) -> ModuleType:
     """A module of the pack as ComfyUI loaded it, e.g. ``pack_module("lorax_core.errors")``."""
     return importlib.import_module(f"{PACK}.{name}")
+
+
+def leftovers(model) -> list[str]:
+    """Weight functions and checkpointed forwards a training node left on the (shared) modules of ``model``."""
+    out = []
+    for name, module in model.model.named_modules():
+        out.extend(f"{name}.{attr}" for attr in ("weight_function", "bias_function") if getattr(module, attr, None))
+        if hasattr(module, "org_forward"):
+            out.append(f"{name}.org_forward")
+    return out

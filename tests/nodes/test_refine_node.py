@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import pack_module
+from comfy_harness import leftovers, pack_module
 from safetensors import safe_open
 
 pytestmark = pytest.mark.comfy
@@ -88,16 +88,6 @@ def _snapshot(model) -> tuple[dict, object, torch.Tensor, dict[str, bool]]:
     return dict(model.patches), model.patches_uuid, weight, grads
 
 
-def _leftovers(model) -> list[str]:
-    """Weight functions and checkpointed forwards the refinement left on the (shared) model."""
-    out = []
-    for name, module in model.model.named_modules():
-        out.extend(f"{name}.{attr}" for attr in ("weight_function", "bias_function") if getattr(module, attr, None))
-        if hasattr(module, "org_forward"):
-            out.append(f"{name}.org_forward")
-    return out
-
-
 @pytest.fixture(scope="module")
 def refined(tiny, models, weak) -> Iterator[tuple]:
     """One refinement (the module's expensive run), with what the tests compare it to."""
@@ -157,7 +147,7 @@ def test_refine_lowers_the_loss_and_keeps_layers_and_inputs(refined, weak, model
     assert patches == before[0] and uuid == before[1] and torch.equal(weight, before[2])
     untouched = [name for name in grads if name not in weak.factors]
     assert untouched and all(grads[name] == before[3][name] for name in untouched)
-    assert _leftovers(target) == []
+    assert leftovers(target) == []
     assert all(torch.equal(weak[k], v) for k, v in tensors.items())
     changed = [k for k in weak.factors if not torch.equal(lora.factors[k].up, weak.factors[k].up)]
     assert len(changed) == len(weak.factors)
@@ -213,7 +203,7 @@ def test_cancel_stops_the_refinement_and_undoes_the_training_setup(tiny, models,
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
-    assert _leftovers(models[1]) == []
+    assert leftovers(models[1]) == []
     assert all(torch.equal(weak[k], v) for k, v in tensors.items())
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import pack_module
+from comfy_harness import leftovers, pack_module
 from safetensors import safe_open
 
 pytestmark = pytest.mark.comfy
@@ -273,22 +273,12 @@ def test_user_errors_name_the_node_and_the_fix(source):
         _train(source, latents={"samples": torch.zeros(0, 4, 4, 4)})
 
 
-def _leftovers(model) -> list[str]:
-    """Weight functions and checkpointed forwards left on the (shared) modules of ``model``."""
-    out = []
-    for name, module in model.model.named_modules():
-        out.extend(f"{name}.{attr}" for attr in ("weight_function", "bias_function") if getattr(module, attr, None))
-        if hasattr(module, "org_forward"):
-            out.append(f"{name}.org_forward")
-    return out
-
-
 def test_cancel_stops_training_and_leaves_the_input_model_as_it_was(trained, source):
     """Cancel (ComfyUI's interrupt flag, checked by its progress hook each step) restores the shared modules."""
     import comfy.model_management as mm
     import comfy.utils
 
-    assert not _leftovers(source) and not source.patches  # after the normal run, too
+    assert not leftovers(source) and not source.patches  # after the normal run, too
     comfy.utils.set_progress_bar_global_hook(lambda *_, **__: mm.throw_exception_if_processing_interrupted())
     mm.interrupt_current_processing(True)
     try:
@@ -297,7 +287,7 @@ def test_cancel_stops_training_and_leaves_the_input_model_as_it_was(trained, sou
     finally:
         mm.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(None)
-    assert not _leftovers(source) and not source.patches
+    assert not leftovers(source) and not source.patches
 
 
 def test_transfer_node_refuses_a_lorax_file_on_another_source(trained, tiny, folders):
