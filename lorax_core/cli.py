@@ -519,8 +519,8 @@ def _cache(args: argparse.Namespace) -> object:
 
 def _model_info(weights: SafetensorsWeights) -> ModelInfo:
     """A model file as provenance metadata names it (file name, fingerprint, guessed family)."""
-    _, shapes, metadata = read_keys(weights.path)
-    return ModelInfo(name=weights.path.name, fingerprint=weights.fingerprint, family=guess_family(shapes, metadata) or "")
+    family = guess_family(weights.file_shapes, weights.metadata) or ""
+    return ModelInfo(name=weights.path.name, fingerprint=weights.fingerprint, family=family)
 
 
 def _check_text_output(path: Path, overwrite: bool) -> None:

@@ -239,6 +239,11 @@ class SafetensorsWeights:
         return self._fingerprint
 
     @property
+    def file_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{tensor name in the file: shape}``, as the header gave them (no tensor is read)."""
+        return dict(self._shapes)
+
+    @property
     def is_checkpoint(self) -> bool:
         """Whether the file is a full checkpoint (``model.diffusion_model.*`` keys)."""
         return any(v.name.startswith("model.diffusion_model.") for v in self._files.values())

@@ -236,6 +236,9 @@ class PatcherWeights:
     """
 
     def __init__(self, model: Any | None, clip: Any | None = None) -> None:
+        #: ComfyUI's LoRA key map of this MODEL/CLIP (:func:`lora_key_map`), built once: the
+        #: plan and the similarity pairs use the same one.
+        self.key_map = lora_key_map(model, clip)
         self._entries: dict[str, tuple[list[Any], Any]] = {}
         if model is not None:
             for key, patches in model.get_key_patches(UNET_PREFIX).items():
@@ -244,11 +247,14 @@ class PatcherWeights:
             for key, patches in clip.patcher.get_key_patches().items():
                 self._entries[TE_PREFIX + key] = (patches, clip.patcher)
         self._slices: dict[str, WeightSlice] = {}
-        for target in lora_key_map(model, clip).values():
+        for target in self.key_map.values():
             piece = slice_from_comfy(target[0], target[1]) if isinstance(target, tuple) and len(target) > 1 else None
             if piece is not None and piece.base in self._entries and piece.fits(self.shape(piece.base)):
                 self._slices[piece.key] = piece
         self._fingerprint: str | None = None
+        # The last fused weight read for a slice: its sibling slices (q, k, v of one qkv) are
+        # read one after another, and each would otherwise copy and patch the whole tensor again.
+        self._fused: tuple[str, torch.Tensor] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -285,7 +291,9 @@ class PatcherWeights:
             # The whole fused weight with all its patches, then the rows: a patch on another
             # slice of it (or on the whole of it) is part of the model this MODEL represents.
             piece = self._slices[key]
-            return piece.take(self.get(piece.base))
+            if self._fused is None or self._fused[0] != piece.base:
+                self._fused = (piece.base, self.get(piece.base))
+            return piece.take(self._fused[1])
         patches = self._entries[key][0]
         weight, convert_fn = patches[0]
         out = comfy.model_management.cast_to_device(weight, torch.device("cpu"), torch.float32, copy=True)
@@ -330,11 +338,12 @@ def load_lora_file(name: str | None, lora: Mapping[str, torch.Tensor] | None) ->
     return read_lora(_find(("loras",), name, "LoRA"), key_transform=comfy.lora_convert.convert_lora)
 
 
-def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | None) -> TransferPlan:
+def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | None,
+                  key_map: Mapping[str, Any] | None = None) -> TransferPlan:
     """The core's transfer plan with ComfyUI's key map (:func:`lorax_core.pipeline.plan_transfer`).
 
     The key map comes from the target ``MODEL``/``CLIP`` (same family ⇒ same names as the
-    source). The node's own rule: without a target CLIP, text-encoder layers are skipped with a
+    source); pass :attr:`PatcherWeights.key_map` when there is one already. The node's own rule: without a target CLIP, text-encoder layers are skipped with a
     pointer to the ``target_clip`` input; the core reports them, nothing is dropped.
     """
 
@@ -345,22 +354,17 @@ def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | N
         return TE_NEEDS_CLIP if is_te else ""
 
     return core_plan_transfer(
-        lora, source.weights, lora_key_map(model, clip), source_name=source.name, host_rule=needs_clip
+        lora, source.weights, lora_key_map(model, clip) if key_map is None else key_map, source_name=source.name,
+        host_rule=needs_clip,
     )
 
 
-def similarity_pairs(source: SourceModel, target: PatcherWeights, plan: TransferPlan | None,
-                     key_map: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Same-name (source, target) key pairs to compare.
-
-    With a LoRA: the layers it patches. Without: every weight a LoRA could patch here
-    (the 2-D/4-D targets of ComfyUI's key map present in both models).
-    """
-    return [(k, k) for k in _similarity_keys(source, plan, key_map) if k in target]
-
-
 def _similarity_keys(source: SourceModel, plan: TransferPlan | None, key_map: Mapping[str, Any]) -> list[str]:
-    """The source's 2-D/4-D weights the similarity node is asked about (see :func:`similarity_pairs`)."""
+    """The source's 2-D/4-D weights the similarity node is asked about.
+
+    With a LoRA: the layers it patches. Without: every weight a LoRA could patch here (the 2-D/4-D
+    targets of ComfyUI's key map the source has).
+    """
     if plan is not None:
         keys = list(plan.layers)
     else:
@@ -442,10 +446,10 @@ def similarity_inputs(source: SourceModel, model: Any, clip: Any | None, lora_na
     target = PatcherWeights(model, clip)
     plan = None
     if lora_name != no_lora:
-        plan = plan_transfer(load_lora_file(lora_name, None), source, model, clip)
-    key_map = lora_key_map(model, clip)
-    keys = _similarity_keys(source, plan, key_map)
-    pairs = similarity_pairs(source, target, plan, key_map)
+        plan = plan_transfer(load_lora_file(lora_name, None), source, model, clip, target.key_map)
+    keys = _similarity_keys(source, plan, target.key_map)
+    # Same-name pairs: with a LoRA the layers it patches, without every weight a LoRA could patch.
+    pairs = [(k, k) for k in keys if k in target]
     return target, pairs, similarity_precheck(source, model, target, keys, pairs)
 
 

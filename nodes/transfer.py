@@ -71,7 +71,7 @@ class LoraXTransferLoRA(io.ComfyNode):
         with node_errors(DISPLAY_NAME):
             lora_file = _host.load_lora_file(None if lora_name == NO_LORA else lora_name, lora)
             target_weights = _host.PatcherWeights(target, target_clip)
-            plan = _host.plan_transfer(lora_file, source, target, target_clip)
+            plan = _host.plan_transfer(lora_file, source, target, target_clip, target_weights.key_map)
             options = transfer_options(method, rank, threshold, _host.compute_device())
             cache = _host.subspace_cache(use_cache)
             bases_note = check_source_bases(lora_file, plan, source.weights, cache, options.device)
