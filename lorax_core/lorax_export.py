@@ -28,7 +28,7 @@ import torch
 from .errors import FormatError, IncompatibleBaseError, RankError
 from .linalg import SUBSPACE_VERSION, Subspace, recompress
 from .similarity import SubspaceProvider
-from .transfer import lorax_to_lora
+from .transfer import lorax_to_lora, restore_layout
 from .types import AdapterLayer, LoraFactors, LoraXFactors, WeightSource
 
 __all__ = [
@@ -195,16 +195,6 @@ def check_lorax_source(
     )
 
 
-def _layout(up2d: torch.Tensor, down2d: torch.Tensor, shape: tuple[int, ...]) -> LoraFactors:
-    # Conv layers in ComfyUI's/kohya's conv layout: up (out, k, 1, 1), down (k, in, kh, kw).
-    if len(shape) == 4:
-        return LoraFactors(
-            up=up2d.reshape(*up2d.shape, 1, 1).contiguous(),
-            down=down2d.reshape(down2d.shape[0], *shape[1:]).contiguous(),
-        )
-    return LoraFactors(up=up2d.contiguous(), down=down2d.contiguous())
-
-
 def lorax_to_standard(
     layers: Mapping[str, LoraXFactors], bases: Callable[[str, int], Subspace]
 ) -> dict[str, LoraFactors]:
@@ -221,7 +211,7 @@ def lorax_to_standard(
     out = {}
     for key, f in layers.items():
         lora = lorax_to_lora(f, bases(key, f.rank))
-        out[key] = _layout(lora.up.cpu(), lora.down.cpu(), f.shape)
+        out[key] = restore_layout(lora.up, lora.down, f.shape, torch.float32)
     return out
 
 
@@ -276,6 +266,6 @@ def compress_standard(layers: Mapping[str, LoraFactors], rank: int | None) -> St
         up, down, kept = recompress(f.up2d().float() * f.scale, f.down2d(), rank)
         if up.shape[1] == 0:
             up, down = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1])
-        out[key] = _layout(up.cpu(), down.cpu(), shape)
+        out[key] = restore_layout(up, down, shape, torch.float32)
         errors[key] = math.sqrt(max(0.0, 1.0 - kept))
     return StandardExport(layers=out, rank=rank, errors=errors)

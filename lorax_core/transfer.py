@@ -304,7 +304,7 @@ def _layer_dtype(layer: AdapterLayer) -> torch.dtype:
     return layer.core.dtype if isinstance(layer, LoraXFactors) else layer.up.dtype
 
 
-def _restore_layout(
+def restore_layout(
     up2d: torch.Tensor, down2d: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
 ) -> LoraFactors:
     """CPU factors in the LoRA's dtype; conv layers as ``up (out, k, 1, 1)``, ``down (k, in, kh, kw)``.
@@ -588,7 +588,7 @@ def _transfer_one(
     entry.energy_kept = energy
     entry.output_rank = int(up.shape[1])
     entry.norm_target = factored_norm(up, down)
-    restored = _restore_layout(up, down, tshape, _layer_dtype(layer))
+    restored = restore_layout(up, down, tshape, _layer_dtype(layer))
     if restored.up.dtype != _layer_dtype(layer):
         notes.append(f"kept in float32: the update overflows {_layer_dtype(layer)}")
     entry.reason = "; ".join(notes)

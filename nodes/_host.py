@@ -41,7 +41,6 @@ from ..lorax_core.cache import DiskCache, MemoryCache, NullCache, SubspaceCache
 from ..lorax_core.errors import CacheError, FormatError, IncompatibleBaseError, OutputError, OutputExistsError
 from ..lorax_core.formats import LoraFile, parse_lora, read_lora, write_lora
 from ..lorax_core.formats.base import pair_tensors
-from ..lorax_core.formats.io import write_text
 from ..lorax_core.formats.keys import COMFY_STYLE, KOHYA_TEXT_ENCODERS, split_key
 from ..lorax_core.matching import depth_mismatches
 from ..lorax_core.modelio import SafetensorsWeights, open_model
@@ -625,22 +624,30 @@ def save_lora(lora: Mapping[str, torch.Tensor], file_name: str) -> Path:
                 f"{reason}); nothing was written. Check the node that made it."
             )
         layers, style, metadata = parsed.layers, parsed, {"lorax.origin": "LORA_MODEL input"}
-    folder = save_folder()
     stem = file_name[: -len(".safetensors")] if file_name.endswith(".safetensors") else file_name
     report_text = lora.report.to_json() if isinstance(lora, TransferredLora) else None
+
+    def write(candidate: Path) -> Path:
+        report = {candidate.with_suffix(".report.json"): report_text} if report_text is not None else None
+        return write_lora(candidate, layers, style=style, metadata=metadata, extra_files=report)
+
+    return write_numbered(stem, write)
+
+
+def write_numbered(stem: str, write: Callable[[Path], Path]) -> Path:
+    """``write(path)`` at the first free name ``<save folder>/<stem>[_NNNNN].safetensors``.
+
+    ``write`` must refuse an existing name with :class:`OutputExistsError` (the core's writer does,
+    atomically), so two saves racing for one name both succeed under different names.
+    """
+    folder = save_folder()
     for counter in range(100000):
         candidate = folder / (f"{stem}.safetensors" if counter == 0 else f"{stem}_{counter:05d}.safetensors")
-        report = {candidate.with_suffix(".report.json"): report_text} if report_text is not None else None
         try:
-            return write_lora(candidate, layers, style=style, metadata=metadata, extra_files=report)
+            return write(candidate)
         except OutputExistsError:
             continue
     raise OutputExistsError(f"{folder}: 100000 files named {stem}_*.safetensors exist; choose another file name.")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (replacing ``path``) through the core's atomic writer; see ``lorax_core.formats.io``."""
-    write_text(path, text, overwrite=True)
 
 
 def loras_relative_name(path: Path) -> str:

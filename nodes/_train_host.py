@@ -34,6 +34,7 @@ from ..lorax_core.errors import NothingTransferableError, OptionError
 from ..lorax_core.formats.base import pair_tensors
 from ..lorax_core.formats.keys import COMFY_STYLE
 from ..lorax_core.formats.lorax import lorax_tensors
+from ..lorax_core.formats.resolve import layer_name_for
 from ..lorax_core.linalg import Subspace
 from ..lorax_core.lorax_export import basis_record, lorax_to_standard
 from ..lorax_core.lorax_module import LoraXDelta
@@ -127,22 +128,18 @@ class LoraXAdapter(dict):
     metadata: dict[str, str]
 
 
-def _native(key: str) -> str:
-    return key.removesuffix(".weight")
-
-
 def standard_tensors(standard: Mapping[str, LoraFactors]) -> dict[str, torch.Tensor]:
     """A plain ComfyUI-native ``LORA_MODEL`` (``lora_up``/``lora_down``/``alpha``) for the stock loaders."""
     out: dict[str, torch.Tensor] = {}
     for key, f in standard.items():
-        out.update(pair_tensors(_native(key), f, COMFY_STYLE))
+        out.update(pair_tensors(layer_name_for(key, "comfy"), f, COMFY_STYLE))
     return out
 
 
 def wrap_adapter(outcome: TrainOutcome) -> LoraXAdapter:
     out = LoraXAdapter()
     for key, f in outcome.factors.items():
-        out.update(lorax_tensors(_native(key), f))
+        out.update(lorax_tensors(layer_name_for(key, "comfy"), f))
     out.factors = dict(outcome.factors)
     out.standard = dict(outcome.standard)
     out.metadata = dict(outcome.metadata)

@@ -9,7 +9,7 @@ from statistics import median
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ..lorax_core.errors import FormatError, OutputExistsError
+from ..lorax_core.errors import FormatError
 from ..lorax_core.formats import write_lora
 from ..lorax_core.lorax_export import compress_standard
 from ..lorax_core.types import AdapterLayer
@@ -256,11 +256,4 @@ class LoraXSaveLoRAX(io.ComfyNode):
 
 def _save(stem: str, layers: Mapping[str, AdapterLayer], metadata: Mapping[str, str]) -> Path:
     """Write under ``<loras>/lorax/`` in ComfyUI-native style, adding a counter instead of overwriting."""
-    folder = _host.save_folder()
-    for counter in range(100000):
-        candidate = folder / (f"{stem}.safetensors" if counter == 0 else f"{stem}_{counter:05d}.safetensors")
-        try:
-            return write_lora(candidate, layers, style="comfy", metadata=metadata)
-        except OutputExistsError:
-            continue
-    raise OutputExistsError(f"{folder}: 100000 files named {stem}_*.safetensors exist; choose another file name.")
+    return _host.write_numbered(stem, lambda path: write_lora(path, layers, style="comfy", metadata=metadata))
