@@ -220,7 +220,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         device=args.device,
     )
     source, target = open_model(args.source), open_model(args.target)
-    key_map, convert = _comfyui_key_map(args.comfyui, args.source) if args.comfyui else (None, None)
+    key_map, convert = _comfyui_key_map(args.comfyui, args.source, args.lora) if args.comfyui else (None, None)
     lora = read_lora(args.lora, key_transform=convert)
     plan = plan_transfer(lora, source, key_map, source_name=str(source.path))
     target.add_slices(plan.layers)  # slices of fused weights the plan uses (Flux/SD3 qkv) exist in the target too
@@ -280,7 +280,7 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
         _check_text_output(args.json_out, args.overwrite)
     source, target = open_model(args.source), open_model(args.target)
     if args.lora is not None:
-        key_map, convert = _comfyui_key_map(args.comfyui, args.source) if args.comfyui else (None, None)
+        key_map, convert = _comfyui_key_map(args.comfyui, args.source, args.lora) if args.comfyui else (None, None)
         lora = read_lora(args.lora, key_transform=convert)
         plan = plan_transfer(lora, source, key_map, source_name=str(source.path))
         target.add_slices(plan.layers)
@@ -536,75 +536,40 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
-# Tensors up to this many elements are read for real when ComfyUI detects a model: a few model
-# configs look at values, not shapes (SD2's v-prediction test takes the std of a 320-wide norm
-# bias; SDXL variants read scalar ``edm_vpred.sigma_*`` / ``v_pred`` markers). All such tensors
-# are norms, biases and scalars — a few MB even for SDXL or Flux.
-_DETECTION_VALUE_LIMIT = 4096
-
-
-def _header_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A model file's tensors as ComfyUI's model detection sees them, read from the header only.
-
-    Every tensor is a ``meta`` tensor of the stored shape and dtype (no storage), except tensors
-    of at most ``_DETECTION_VALUE_LIMIT`` elements, which are read (on CPU) because some model
-    configs test their values.
-
-    Returns:
-        ``(state dict, string metadata)`` with the file's own key names.
-
-    Raises:
-        FormatError: missing, corrupt or truncated file (:func:`~lorax_core.formats.io.read_header`).
-    """
-    import torch
-    from safetensors import safe_open
-
-    from .formats.io import SAFETENSORS_DTYPES, read_header
-
-    header, metadata = read_header(path)
-    state: dict[str, torch.Tensor] = {}
-    small: list[str] = []
-    for name, entry in header.items():
-        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[union-attr]
-        dtype = SAFETENSORS_DTYPES[str(entry["dtype"])]  # read_header checked the name
-        state[name] = torch.empty(shape, dtype=dtype, device="meta")
-        if math.prod(shape) <= _DETECTION_VALUE_LIMIT:
-            small.append(name)
-    if small:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for name in small:
-                    state[name] = fh.get_tensor(name)
-        except Exception as exc:  # safetensors' own SafetensorError
-            raise FormatError(f"{path}: safetensors could not read the file ({exc}); it may be corrupt.") from None
-    return state, metadata
-
-
-#: The host-side bridge that calls ComfyUI's key tables for ``--comfyui``. It lives with the
-#: other ComfyUI glue in ``nodes/`` and is loaded by file path, so ``lorax_core`` itself never
-#: imports ComfyUI (and does not import the pack's ``nodes`` package, whose name ComfyUI's own
-#: ``nodes`` module shares).
+#: The host-side program that calls ComfyUI's key tables for ``--comfyui``. It lives with the
+#: other ComfyUI glue in ``nodes/`` and runs as its own process (JSON on its standard output), so
+#: the ``lorax_core`` process never imports ComfyUI or the pack's ``nodes`` package.
 COMFY_BRIDGE = Path(__file__).resolve().parent.parent / "nodes" / "_comfy_keymap.py"
+#: How long the bridge may take: importing ComfyUI and building a model on the meta device.
+COMFY_BRIDGE_TIMEOUT_S = 600
+
+KeyMap = dict[str, "str | tuple[str, object]"]
+LoraConverter = Callable[[dict[str, "torch.Tensor"]], dict[str, "torch.Tensor"]]
 
 
 def _comfyui_key_map(
-    root: Path, model_path: Path
-) -> tuple[dict[str, str | tuple[str, object]], Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]:
-    """ComfyUI's LoRA key map for the source model, and its LoRA key converter (``--comfyui``).
+    root: Path, model_path: Path, lora_path: Path | None = None
+) -> tuple[KeyMap, LoraConverter | None]:
+    """ComfyUI's LoRA key map for the source model, and its renaming of the LoRA (``--comfyui``).
 
     The per-family tables that map diffusers block names onto the original UNet layout are
-    ComfyUI's (GPL), so they are called, not copied — through ``nodes/_comfy_keymap.py``.
-    No weight is loaded: ComfyUI detects the model family from the file's header (see
-    :func:`_header_state_dict`) and builds the model and, for a full checkpoint, its text
-    encoder on the ``meta`` device. Text-encoder targets are in the ``text_encoders.``
-    namespace of :mod:`lorax_core.modelio`.
+    ComfyUI's (GPL), so they are called, not copied — by ``nodes/_comfy_keymap.py``, run as a
+    separate program with this Python. No weight is loaded: ComfyUI detects the model family
+    from the file's header and builds the model and, for a full checkpoint, its text encoder on
+    the ``meta`` device. Text-encoder targets are in the ``text_encoders.`` namespace of
+    :mod:`lorax_core.modelio`.
+
+    Returns:
+        ``(key map, converter)``: the converter applies ComfyUI's ``convert_lora`` renames to the
+        LoRA's state dict, or is ``None`` when ComfyUI keeps this LoRA's names (or no
+        ``lora_path`` was given).
 
     Raises:
         OptionError: PATH is not a ComfyUI install, this Python cannot import ComfyUI (its
-            dependencies are missing), or the pack's bridge module is missing.
-        FormatError: the file is unreadable, or ComfyUI does not recognise the model.
+            dependencies are missing), or the pack's bridge program is missing or failed.
+        FormatError: a file is unreadable, or ComfyUI does not recognise the model.
     """
-    import importlib.util
+    import subprocess
 
     root = root.expanduser().resolve()
     if not (root / "comfy" / "lora.py").is_file():
@@ -616,29 +581,70 @@ def _comfyui_key_map(
             f"--comfyui needs the pack's nodes/_comfy_keymap.py next to lorax_core (not found at {COMFY_BRIDGE}); "
             "run the command from a full checkout of the pack."
         )
-    state, metadata = _header_state_dict(model_path)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    spec = importlib.util.spec_from_file_location("lorax_comfy_keymap", COMFY_BRIDGE)
-    bridge = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(bridge)  # type: ignore[union-attr]
+    command = [sys.executable, str(COMFY_BRIDGE), "--comfyui", str(root), "--model", str(model_path)]
+    if lora_path is not None:
+        command += ["--lora", str(lora_path)]
     try:
-        found = bridge.key_map_from_header(state, metadata, standalone=True)
-    except ImportError as exc:  # ComfyUI's own dependencies (or ComfyUI itself) missing from this Python
+        done = subprocess.run(command, capture_output=True, text=True, timeout=COMFY_BRIDGE_TIMEOUT_S, check=False)
+        lines = done.stdout.strip().splitlines()
+        answer = json.loads(lines[-1]) if lines else None
+        failure = (
+            ""
+            if isinstance(answer, dict)
+            else f"exit status {done.returncode}: {_short(done.stderr.strip()[-400:], 400)}"
+        )
+    except subprocess.TimeoutExpired:
+        answer, failure = None, f"no answer within {COMFY_BRIDGE_TIMEOUT_S} s"
+    except (OSError, ValueError) as exc:
+        answer, failure = None, f"{type(exc).__name__}: {exc}"
+    if not isinstance(answer, dict):
         raise OptionError(
-            f"--comfyui {root}: this Python ({sys.executable}) cannot import ComfyUI ({type(exc).__name__}: {exc}); "
+            f"--comfyui {root}: the pack's ComfyUI bridge ({COMFY_BRIDGE}) gave no answer ({failure}); "
+            "check that this Python can run ComfyUI, or leave out --comfyui."
+        )
+    error = answer.get("error")
+    if isinstance(error, dict):
+        raise _bridge_error(root, model_path, str(error.get("kind")), str(error.get("message", "")))
+    key_map: KeyMap = {
+        str(name): (target[0], tuple(target[1])) if isinstance(target, list) else str(target)
+        for name, target in answer["key_map"].items()
+    }
+    return key_map, _renamer(answer.get("renames"), answer.get("extra") or {})
+
+
+def _bridge_error(root: Path, model_path: Path, kind: str, message: str) -> LoraxError:
+    """The error for an answer ``{"error": {"kind", "message"}}`` of ``nodes/_comfy_keymap.py``."""
+    if kind == "import":
+        return OptionError(
+            f"--comfyui {root}: this Python ({sys.executable}) cannot import ComfyUI ({message}); "
             "run the command with the Python that runs ComfyUI (its virtual environment, or the portable build's "
             "python_embeded), or install ComfyUI's requirements.txt into this Python."
-        ) from None
-    except Exception as exc:  # ComfyUI raises plain KeyError/RuntimeError on layouts it half-recognises
-        raise FormatError(
-            f"--comfyui: ComfyUI could not build a key map for {model_path} ({type(exc).__name__}: {exc}); "
-            "pass the base model file the LoRA was trained on."
-        ) from None
-    if found is None:
-        raise FormatError(
+        )
+    if kind == "unrecognised":
+        return FormatError(
             f"--comfyui: ComfyUI does not recognise {model_path} as a model it can load (no model family "
             "matches its weight names and shapes); pass the base model file the LoRA was trained on, as a "
             "checkpoint, a diffusion-model .safetensors, or a diffusers UNet (diffusion_pytorch_model.safetensors)."
         )
-    return found
+    if kind == "format":
+        return FormatError(message)
+    return FormatError(
+        f"--comfyui: ComfyUI could not build a key map for {model_path} ({message}); "
+        "pass the base model file the LoRA was trained on."
+    )
+
+
+def _renamer(renames: object, extra: dict[str, dict[str, object]]) -> LoraConverter | None:
+    """A state-dict converter from the bridge's ``renames``/``extra`` (``None`` when names are kept)."""
+    if not isinstance(renames, dict):
+        return None
+    import torch
+
+    made = {
+        name: torch.tensor(spec["values"], dtype=getattr(torch, str(spec["dtype"]))) for name, spec in extra.items()
+    }
+
+    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**{new: state[old] for new, old in renames.items() if old in state}, **made}
+
+    return convert

@@ -29,7 +29,7 @@ from .errors import FormatError, IncompatibleBaseError, RankError
 from .linalg import SUBSPACE_VERSION, Subspace, recompress
 from .similarity import SubspaceProvider
 from .transfer import lorax_to_lora, restore_layout
-from .types import AdapterLayer, LoraFactors, LoraXFactors, WeightSource
+from .types import AdapterLayer, LoraFactors, LoraXFactors, WeightSource, flat_shape
 
 __all__ = [
     "BASIS_KEY",
@@ -174,7 +174,7 @@ def check_lorax_source(
         if key not in source:
             raise IncompatibleBaseError(f"layer {key} of the LoRA-X file is not in the source model; {fix}")
         shape = source.shape(key)
-        flat = (int(shape[0]), math.prod(int(d) for d in shape[1:]))
+        flat = flat_shape(shape)
         if rank > min(flat) or max(directions, default=-1) >= rank or len(proj) != 2 * len(directions):
             raise IncompatibleBaseError(
                 f"layer {key} of the LoRA-X file (rank {rank}) does not fit the source's {shape} weight; {fix}"

@@ -19,7 +19,6 @@ from a :class:`~lorax_core.linalg.Subspace` so that its bases can come from the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 
 from .errors import OptionError, ShapeMismatchError
 from .linalg import Subspace, top_subspace
-from .types import LoraXFactors
+from .types import LoraXFactors, flat_shape
 
 __all__ = ["LoraXConv2d", "LoraXDelta", "LoraXLinear", "add_lorax", "collect_lorax"]
 
@@ -149,7 +148,7 @@ class LoraXDelta(nn.Module):
         self, sub: Subspace, shape: tuple[int, ...], rank: int | None = None, *, full_core: bool = False
     ) -> None:
         super().__init__()
-        flat = (int(shape[0]), math.prod(int(d) for d in shape[1:]))
+        flat = flat_shape(shape)
         if flat != sub.shape:
             raise ShapeMismatchError(
                 f"LoraXDelta: a weight of shape {tuple(shape)} flattens to {flat}, but the subspace is of a "

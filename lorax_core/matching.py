@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import NonFiniteError, OptionError
 from .similarity import LayerSimilarity, SubspaceProvider, layer_similarity, similarity_rank
-from .types import WeightSource
+from .types import WeightSource, flat_shape
 
 __all__ = ["LayerMatch", "depth_mismatches", "layer_kind", "match_layers"]
 
@@ -120,13 +120,6 @@ def depth_mismatches(source_keys: Iterable[str], target_keys: Iterable[str]) -> 
     return {c: (d, target[c]) for c, d in source.items() if c in target and target[c] != d}
 
 
-def _flat(shape: Sequence[int]) -> tuple[int, int]:
-    rest = 1
-    for d in shape[1:]:
-        rest *= int(d)
-    return int(shape[0]), rest
-
-
 @dataclass
 class LayerMatch:
     """The target partner proposed for one source layer.
@@ -205,7 +198,9 @@ def match_layers(
                 result[key] = LayerMatch(key, key, "name")
             else:
                 result[key] = LayerMatch(key, None, "none", NO_NAME)
-        elif mode == "auto" and key in target_shapes and _flat(target_shapes[key]) == _flat(source.shape(key)):
+        elif (
+            mode == "auto" and key in target_shapes and flat_shape(target_shapes[key]) == flat_shape(source.shape(key))
+        ):
             found = _container(key)
             if found is not None and found[0] in depth_changed:
                 to_check.append(key)
@@ -240,7 +235,7 @@ def _pair_similarity(
     subspaces: SubspaceProvider,
 ) -> LayerSimilarity | None:
     """Φ of one pair at the transfer's rank, or ``None`` when a weight holds NaN/Inf."""
-    m, n = _flat(source.shape(key))
+    m, n = flat_shape(source.shape(key))
     R = min(rank, m, n)
     try:
         src, tgt = subspaces.get(source, key, R), subspaces.get(target, tkey, R)
@@ -271,10 +266,10 @@ def _match_by_similarity(
 
     candidates: dict[tuple[str, tuple[int, int]], list[str]] = defaultdict(list)
     for key, shape in target_shapes.items():
-        candidates[(layer_kind(key), _flat(shape))].append(key)
+        candidates[(layer_kind(key), flat_shape(shape))].append(key)
     groups: dict[tuple[str, tuple[int, int], str | None], list[str]] = defaultdict(list)
     for key in keys:
-        kind, flat = layer_kind(key), _flat(source.shape(key))
+        kind, flat = layer_kind(key), flat_shape(source.shape(key))
         found = _container(key) if scoped else None
         scope = None
         if found is not None and any(

@@ -16,7 +16,6 @@ ComfyUI objects, a key map, progress, cancel, cache location — and presents th
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +25,14 @@ from .formats import LoraFile
 from .formats.io import TOOL_VERSION
 from .formats.resolve import KeyMap, layer_name_for, resolve_layers
 from .slices import parse_slice_key
-from .types import AdapterLayer, LoraFactors, TransferOptions, TransferReport, TransferResult, WeightSource
+from .types import (
+    AdapterLayer,
+    TransferOptions,
+    TransferReport,
+    TransferResult,
+    WeightSource,
+    shape_problem,
+)
 
 __all__ = [
     "ModelInfo",
@@ -35,7 +41,6 @@ __all__ = [
     "output_metadata",
     "output_names",
     "plan_transfer",
-    "shape_problem",
 ]
 
 #: Source LoRA metadata that describes the source file itself and would be wrong for the output
@@ -72,33 +77,6 @@ class ModelInfo:
     name: str
     fingerprint: str
     family: str = ""
-
-
-def shape_problem(layer: AdapterLayer, weight_shape: tuple[int, ...]) -> str:
-    """Why ``layer`` cannot patch a weight of ``weight_shape``, or ``""`` when it fits.
-
-    A LoRA layer fits a linear ``(out, in)`` or conv ``(out, in, kh, kw)`` weight when its
-    ``(out_features, in_features)`` equal ``(out, in·kh·kw)``; a LoRA-X layer must match the
-    weight's shape exactly.
-    """
-    if len(weight_shape) not in (2, 4):
-        dims = "×".join(str(d) for d in weight_shape) or "a scalar"
-        return (
-            f"the source weight is {len(weight_shape)}-D ({dims}); only linear (out, in) and conv "
-            "(out, in, kh, kw) weights can carry a LoRA"
-        )
-    out_dim = int(weight_shape[0])
-    in_dim = math.prod(int(d) for d in weight_shape[1:])
-    if isinstance(layer, LoraFactors):
-        if (layer.out_features, layer.in_features) == (out_dim, in_dim):
-            return ""
-        mine = f"{layer.out_features}×{layer.in_features}"
-    else:
-        if tuple(layer.shape) == tuple(weight_shape):
-            return ""
-        mine = "×".join(str(d) for d in layer.shape)
-    theirs = "×".join(str(d) for d in weight_shape)
-    return f"shape mismatch: the LoRA layer is {mine} but the source weight is {theirs}"
 
 
 def plan_transfer(

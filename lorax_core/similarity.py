@@ -19,7 +19,7 @@ rules turn Φ into a decision (all measured; numbers in ``docs/CORE.md``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ import torch
 
 from .errors import OptionError, RankError
 from .linalg import Subspace, top_subspace
-from .types import WeightSource
+from .types import WeightSource, flat_shape
 
 if TYPE_CHECKING:
     from .cache import SubspaceCache
@@ -203,14 +203,6 @@ class SubspaceProvider:
         return self._local[ident]
 
 
-def _flat_shape(shape: Sequence[int]) -> tuple[int, int]:
-    out = int(shape[0])
-    rest = 1
-    for d in shape[1:]:
-        rest *= int(d)
-    return out, rest
-
-
 def layer_similarity(
     src: Subspace, tgt: Subspace, k: int, c: float, *, source_key: str = "", target_key: str = ""
 ) -> LayerSimilarity:
@@ -273,7 +265,7 @@ def compute_similarity(
     subspaces = provider or SubspaceProvider(cache, device)
     table = SimilarityTable()
     for done, (skey, tkey) in enumerate(pairs, start=1):
-        sshape, tshape = _flat_shape(source.shape(skey)), _flat_shape(target.shape(tkey))
+        sshape, tshape = flat_shape(source.shape(skey)), flat_shape(target.shape(tkey))
         if sshape != tshape:
             table.entries.append(
                 LayerSimilarity(

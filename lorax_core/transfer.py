@@ -32,6 +32,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +66,8 @@ from .types import (
     TransferReport,
     TransferResult,
     WeightSource,
+    flat_shape,
+    shape_problem,
 )
 
 if TYPE_CHECKING:
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LORA_METHODS",
+    "SkipReason",
     "choose_method",
     "lorax_to_lora",
     "transfer_adapter",
@@ -82,18 +86,51 @@ __all__ = [
 #: Methods that apply to a standard LoRA layer.
 LORA_METHODS: tuple[str, ...] = ("prolora", "exact", "project", "copy", "align")
 
-# Skip reasons are short, fixed phrases so that the report can count layers per reason; the
-# numbers behind each verdict are in the LayerReport's other fields.
-SKIP_NO_SOURCE = "the source model has no weight for this layer (is the LoRA for this base model?)"
-SKIP_SOURCE_SHAPE = "the LoRA factors do not fit the source weight (is the LoRA for this base model?)"
-SKIP_WIDTH = "width mismatch between source and target layer (cannot transfer across widths without data)"
-SKIP_LORAX_RANK = "the LoRA-X core rank exceeds the layer's smaller dimension (adapter made for another base?)"
-SKIP_ZERO = "zero update (the LoRA does nothing in this layer)"
-SKIP_PROJECTED_ZERO = "the transferred update is zero (the LoRA lies outside the target layer's subspaces)"
-SKIP_BELOW = "similarity below threshold (unrelated subspaces); set force to transfer anyway"
-SKIP_WEIGHT_NDIM = "the base weight is neither linear (out, in) nor conv (out, in, kh, kw); no LoRA can patch it"
-SKIP_NONFINITE_WEIGHT = "a base weight holds NaN, Inf or out-of-range values (the model file is damaged)"
-SKIP_OVERFLOW = "the LoRA's values overflow float32 in this layer (implausibly large factors or alpha)"
+
+class SkipReason(str, Enum):
+    """Why :func:`transfer_adapter` skipped a layer: a value, compared and counted as such.
+
+    The member's value is the stable code written to the report (``LayerReport.code``);
+    :attr:`text` is the short fixed phrase the report shows (``LayerReport.reason``), so the
+    report can count layers per reason. The numbers behind each verdict are in the
+    LayerReport's other fields.
+    """
+
+    NO_SOURCE = "no_source", "the source model has no weight for this layer (is the LoRA for this base model?)"
+    SOURCE_SHAPE = "source_shape", "the LoRA factors do not fit the source weight (is the LoRA for this base model?)"
+    UNRESOLVED = "unresolved", "the layer could not be read or resolved to a model weight"
+    NO_PARTNER = "no_partner", "no target layer to pair with"
+    WIDTH = "width", "width mismatch between source and target layer (cannot transfer across widths without data)"
+    LORAX_RANK = (
+        "lorax_rank",
+        "the LoRA-X core rank exceeds the layer's smaller dimension (adapter made for another base?)",
+    )
+    ZERO = "zero", "zero update (the LoRA does nothing in this layer)"
+    PROJECTED_ZERO = (
+        "projected_zero",
+        "the transferred update is zero (the LoRA lies outside the target layer's subspaces)",
+    )
+    BELOW = "below_threshold", "similarity below threshold (unrelated subspaces); set force to transfer anyway"
+    WEIGHT_NDIM = (
+        "weight_ndim",
+        "the base weight is neither linear (out, in) nor conv (out, in, kh, kw); no LoRA can patch it",
+    )
+    NONFINITE_WEIGHT = (
+        "nonfinite_weight",
+        "a base weight holds NaN, Inf or out-of-range values (the model file is damaged)",
+    )
+    OVERFLOW = "overflow", "the LoRA's values overflow float32 in this layer (implausibly large factors or alpha)"
+
+    text: str
+
+    def __new__(cls, code: str, text: str) -> SkipReason:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.text = text
+        return member
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def _P(U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -279,20 +316,6 @@ def choose_method(layer: AdapterLayer, requested: str, *, conv: bool = False) ->
 # transfer_adapter
 
 
-def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
-    rest = 1
-    for d in shape[1:]:
-        rest *= int(d)
-    return int(shape[0]), rest
-
-
-def _fits(layer: AdapterLayer, shape: tuple[int, ...]) -> bool:
-    """Whether the layer's factors fit a base weight of this shape (flattened conv widths)."""
-    if isinstance(layer, LoraXFactors):
-        return _flat(tuple(layer.shape)) == _flat(shape)
-    return (layer.out_features, layer.in_features) == _flat(shape)
-
-
 def _source_norm(layer: AdapterLayer) -> float:
     if isinstance(layer, LoraXFactors):
         # ‖U core Vᵀ‖_F = ‖core‖_F because U and V have orthonormal columns.
@@ -304,9 +327,7 @@ def _layer_dtype(layer: AdapterLayer) -> torch.dtype:
     return layer.core.dtype if isinstance(layer, LoraXFactors) else layer.up.dtype
 
 
-def restore_layout(
-    up2d: torch.Tensor, down2d: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
-) -> LoraFactors:
+def restore_layout(up2d: torch.Tensor, down2d: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> LoraFactors:
     """CPU factors in the LoRA's dtype; conv layers as ``up (out, k, 1, 1)``, ``down (k, in, kh, kw)``.
 
     Factors that would overflow the LoRA's dtype (large values in float16) stay float32.
@@ -322,10 +343,13 @@ def restore_layout(
 
 
 class _Skip(Exception):  # noqa: N818 - internal control flow, never escapes this module
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason)
+    """A layer is skipped: ``reason`` is the value, ``text`` the report's phrase (default: the reason's)."""
+
+    def __init__(self, reason: SkipReason, detail: str, text: str | None = None) -> None:
+        super().__init__(reason.value)
         self.reason = reason
         self.detail = detail
+        self.text = reason.text if text is None else text
 
 
 def _completeness_note(R: int, m: int, n: int, method: str) -> str:
@@ -413,24 +437,27 @@ def transfer_adapter(
             progress(done, total)
 
     for display, reason in skipped.items():
-        record(LayerReport(key=display, status="skipped", reason=reason, method=options.method), reason)
+        entry = LayerReport(
+            key=display, status="skipped", reason=reason, method=options.method, code=SkipReason.UNRESOLVED.value
+        )
+        record(entry, reason)
 
     matches = _resolve_targets(layers, source, target, options, provider)
     for key, layer in layers.items():
         display = names.get(key, key)
-        conv = matches[key].reason != SKIP_NO_SOURCE and len(source.shape(key)) == 4
+        conv = key in matches and len(source.shape(key)) == 4
         method = choose_method(layer, options.method, conv=conv)
         entry = LayerReport(key=display, status="skipped", reason="", method=method, source_key=key)
         try:
             factors = _transfer_one(
-                key, layer, method, matches[key], source, target, options, provider, similarity, entry
+                key, layer, method, matches.get(key), source, target, options, provider, similarity, entry
             )
         except _Skip as skip:
-            entry.reason = skip.reason
+            entry.code, entry.reason = skip.reason.value, skip.text
             record(entry, skip.detail)
             continue
         except NonFiniteError as exc:  # the projections or re-compression overflowed
-            entry.reason = SKIP_OVERFLOW
+            entry.code, entry.reason = SkipReason.OVERFLOW.value, SkipReason.OVERFLOW.text
             record(entry, str(exc))
             continue
         out[entry.target_key or key] = factors
@@ -448,9 +475,10 @@ def _resolve_targets(
     options: TransferOptions,
     provider: SubspaceProvider,
 ) -> dict[str, LayerMatch]:
+    """The target pairing of every layer the source model has (layers it lacks have no entry)."""
     source_keys = set(source.keys())
     present = [k for k in layers if k in source_keys]
-    matches = match_layers(
+    return match_layers(
         present,
         source,
         target,
@@ -459,17 +487,13 @@ def _resolve_targets(
         threshold=options.threshold,
         provider=provider,
     )
-    for key in layers:
-        if key not in source_keys:
-            matches[key] = LayerMatch(key, None, "none", SKIP_NO_SOURCE)
-    return matches
 
 
 def _transfer_one(
     key: str,
     layer: AdapterLayer,
     method: str,
-    match: LayerMatch,
+    match: LayerMatch | None,
     source: WeightSource,
     target: WeightSource,
     options: TransferOptions,
@@ -477,38 +501,41 @@ def _transfer_one(
     similarity: SimilarityTable | None,
     entry: LayerReport,
 ) -> LoraFactors:
-    """One layer; fills ``entry`` and returns the output factors, or raises :class:`_Skip`."""
-    if match.reason == SKIP_NO_SOURCE:
-        raise _Skip(SKIP_NO_SOURCE, f"source model key {key!r}")
+    """One layer; fills ``entry`` and returns the output factors, or raises :class:`_Skip`.
+
+    ``match`` is ``None`` when the source model has no weight ``key``.
+    """
+    if match is None:
+        raise _Skip(SkipReason.NO_SOURCE, f"source model key {key!r}")
     sshape = tuple(int(d) for d in source.shape(key))
     entry.source_shape = sshape
     if len(sshape) not in (2, 4):
-        raise _Skip(SKIP_WEIGHT_NDIM, f"source weight {key!r} has shape {sshape}")
+        raise _Skip(SkipReason.WEIGHT_NDIM, f"source weight {key!r} has shape {sshape}")
     entry.norm_source = _source_norm(layer)
     # ‖ΔW‖ (float64) beyond float32's range: no loader can apply this update, even when the
     # factors themselves are finite (copy would otherwise write them unchanged).
     if not math.isfinite(entry.norm_source) or entry.norm_source > torch.finfo(torch.float32).max:
         entry.norm_source = None
-        raise _Skip(SKIP_OVERFLOW, "‖ΔW‖ exceeds float32's range")
-    if not _fits(layer, sshape):
-        got = tuple(layer.shape) if isinstance(layer, LoraXFactors) else (layer.out_features, layer.in_features)
-        raise _Skip(SKIP_SOURCE_SHAPE, f"factors {got} vs source weight {sshape}")
+        raise _Skip(SkipReason.OVERFLOW, "‖ΔW‖ exceeds float32's range")
+    problem = shape_problem(layer, sshape)
+    if problem:
+        raise _Skip(SkipReason.SOURCE_SHAPE, problem)
     if match.target_key is None:
-        raise _Skip(match.reason, f"source shape {sshape}")
+        raise _Skip(SkipReason.NO_PARTNER, f"source shape {sshape}", text=match.reason)
     tkey = match.target_key
     entry.target_key = tkey
     tshape = tuple(int(d) for d in target.shape(tkey))
     entry.target_shape = tshape
     if len(tshape) not in (2, 4):
-        raise _Skip(SKIP_WEIGHT_NDIM, f"target weight {tkey!r} has shape {tshape}")
-    m, n = _flat(sshape)
-    if _flat(tshape) != (m, n):
-        raise _Skip(SKIP_WIDTH, f"source {sshape} vs target {tshape}")
+        raise _Skip(SkipReason.WEIGHT_NDIM, f"target weight {tkey!r} has shape {tshape}")
+    m, n = flat_shape(sshape)
+    if flat_shape(tshape) != (m, n):
+        raise _Skip(SkipReason.WIDTH, f"source {sshape} vs target {tshape}")
     if entry.norm_source == 0.0:
-        raise _Skip(SKIP_ZERO, "‖ΔW‖ = 0")
+        raise _Skip(SkipReason.ZERO, "‖ΔW‖ = 0")
 
     if isinstance(layer, LoraXFactors) and layer.rank > min(m, n):
-        raise _Skip(SKIP_LORAX_RANK, f"core rank {layer.rank} > min({m}, {n})")
+        raise _Skip(SkipReason.LORAX_RANK, f"core rank {layer.rank} > min({m}, {n})")
     R = layer.rank if isinstance(layer, LoraXFactors) else min(options.rank, m, n)
     notes: list[str] = []
     if match.by == "similarity":
@@ -521,7 +548,7 @@ def _transfer_one(
             src = provider.get(source, key, R)
             tgt = provider.get(target, tkey, R)
         except NonFiniteError as exc:
-            raise _Skip(SKIP_NONFINITE_WEIGHT, str(exc)) from None
+            raise _Skip(SkipReason.NONFINITE_WEIGHT, str(exc)) from None
         sim = _similarity_for(key, tkey, src, tgt, R, m, n, options, similarity)
         entry.phi_left, entry.phi_right = sim.phi_left, sim.phi_right
         entry.chance, entry.similarity_rank, entry.threshold = sim.chance, sim.rank, sim.threshold
@@ -542,7 +569,7 @@ def _transfer_one(
         if not sim.passed and not (method == "align" and test is not None and test.reparameterised):
             if not options.force:
                 raise _Skip(
-                    SKIP_BELOW,
+                    SkipReason.BELOW,
                     f"Φ={sim.phi:.3f} < threshold {sim.threshold:.3f} (chance {sim.chance:.3f}, rank {sim.rank})",
                 )
             notes.append(f"forced: Φ={sim.phi:.3f} below threshold {sim.threshold:.3f}")
@@ -581,9 +608,9 @@ def _transfer_one(
         up, down, energy = recompress(up, down, options.output_rank, atol=atol)
     if up.shape[1] == 0:
         entry.norm_target = 0.0
-        raise _Skip(SKIP_PROJECTED_ZERO, f"method {method}")
+        raise _Skip(SkipReason.PROJECTED_ZERO, f"method {method}")
     if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-        raise _Skip(SKIP_OVERFLOW, f"method {method} produced NaN or Inf factors")
+        raise _Skip(SkipReason.OVERFLOW, f"method {method} produced NaN or Inf factors")
     entry.status = "transferred"
     entry.energy_kept = energy
     entry.output_rank = int(up.shape[1])
@@ -624,24 +651,24 @@ def _similarity_for(
 
 
 def _raise_nothing(report: TransferReport, options: TransferOptions) -> None:
-    reasons = Counter(r.reason for r in report.skipped)
+    reasons = Counter((r.code, r.reason) for r in report.skipped)
     if not reasons:
         raise NothingTransferableError(
             "the adapter has no layers to transfer; check that the LoRA file was read correctly."
         )
-    reason, count = reasons.most_common(1)[0]
+    (code, reason), count = reasons.most_common(1)[0]
     fixes = {
-        SKIP_BELOW: f"lower the threshold (now {options.threshold}), set force, or check the source/target "
+        SkipReason.BELOW.value: f"lower the threshold (now {options.threshold}), set force, or check the source/target "
         "base models are related",
-        SKIP_WIDTH: "use a target model of the same family and width as the source",
-        SKIP_SOURCE_SHAPE: "choose the base model the LoRA was trained on as the source",
-        SKIP_NO_SOURCE: "choose the base model the LoRA was trained on as the source",
-        SKIP_ZERO: "the LoRA is empty (all-zero); check the file",
-        SKIP_NONFINITE_WEIGHT: "re-download the source and target models (their weights hold NaN or Inf)",
-        SKIP_OVERFLOW: "check the LoRA file (its factors or alpha are implausibly large)",
-        SKIP_WEIGHT_NDIM: "choose base models whose weights are linear or conv layers",
+        SkipReason.WIDTH.value: "use a target model of the same family and width as the source",
+        SkipReason.SOURCE_SHAPE.value: "choose the base model the LoRA was trained on as the source",
+        SkipReason.NO_SOURCE.value: "choose the base model the LoRA was trained on as the source",
+        SkipReason.ZERO.value: "the LoRA is empty (all-zero); check the file",
+        SkipReason.NONFINITE_WEIGHT.value: "re-download the source and target models (their weights hold NaN or Inf)",
+        SkipReason.OVERFLOW.value: "check the LoRA file (its factors or alpha are implausibly large)",
+        SkipReason.WEIGHT_NDIM.value: "choose base models whose weights are linear or conv layers",
     }
-    fix = fixes.get(reason, f"check the source and target base models and the match option (now {options.match!r})")
+    fix = fixes.get(code, f"check the source and target base models and the match option (now {options.match!r})")
     raise NothingTransferableError(
         f"none of the {len(report.layers)} layers was transferred; most common reason ({count} layers): "
         f"{reason}. Fix: {fix}."

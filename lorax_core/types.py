@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -41,8 +41,10 @@ __all__ = [
     "TransferResult",
     "WeightSource",
     "check_device",
+    "flat_shape",
     "json_default",
     "json_safe",
+    "shape_problem",
 ]
 
 Method = Literal["auto", "lorax", "prolora", "exact", "project", "copy", "align"]
@@ -302,13 +304,17 @@ class LayerReport:
     """What happened to one LoRA layer. JSON-serialisable via :meth:`TransferReport.to_dict`.
 
     ``key`` is the layer's name as the user knows it (the LoRA file's layer name when known,
-    else the model key). Similarity fields are ``None`` when the layer never got that far.
+    else the model key). ``reason`` is the phrase a person reads (for a transferred layer: notes,
+    possibly empty); ``code`` is the skip reason as a stable value (``transfer.SkipReason``,
+    e.g. ``"below_threshold"``), empty for a transferred layer. Similarity fields are ``None``
+    when the layer never got that far.
     """
 
     key: str
     status: Status
     reason: str
     method: str
+    code: str = ""
     source_key: str | None = None
     target_key: str | None = None
     source_shape: tuple[int, ...] | None = None
@@ -435,3 +441,36 @@ class TransferResult:
 
     layers: dict[str, LoraFactors]
     report: TransferReport
+
+
+def flat_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """``(out, in·kh·kw)``: the matrix shape of a linear ``(out, in)`` or conv ``(out, in, kh, kw)`` weight.
+
+    The one flattening rule of the package (``linalg.flatten_weight`` reshapes a tensor to it).
+    """
+    return int(shape[0]), math.prod(int(d) for d in shape[1:])
+
+
+def shape_problem(layer: AdapterLayer, weight_shape: Sequence[int]) -> str:
+    """Why ``layer`` cannot patch a weight of ``weight_shape``, or ``""`` when it fits.
+
+    A LoRA layer fits a linear ``(out, in)`` or conv ``(out, in, kh, kw)`` weight when its
+    ``(out_features, in_features)`` equal ``(out, in·kh·kw)``; a LoRA-X layer must match the
+    weight's shape exactly.
+    """
+    if len(weight_shape) not in (2, 4):
+        dims = "×".join(str(d) for d in weight_shape) or "a scalar"
+        return (
+            f"the source weight is {len(weight_shape)}-D ({dims}); only linear (out, in) and conv "
+            "(out, in, kh, kw) weights can carry a LoRA"
+        )
+    if isinstance(layer, LoraFactors):
+        if (layer.out_features, layer.in_features) == flat_shape(weight_shape):
+            return ""
+        mine = f"{layer.out_features}×{layer.in_features}"
+    else:
+        if tuple(layer.shape) == tuple(weight_shape):
+            return ""
+        mine = "×".join(str(d) for d in layer.shape)
+    theirs = "×".join(str(d) for d in weight_shape)
+    return f"shape mismatch: the LoRA layer is {mine} but the source weight is {theirs}"

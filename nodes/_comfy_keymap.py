@@ -1,17 +1,34 @@
 """ComfyUI's LoRA key tables for the command line's ``--comfyui`` (host glue, like ``_host.py``).
 
-``python -m lorax_core ... --comfyui PATH`` loads this file by its path (``lorax_core`` stays
-host-free and never imports ComfyUI or this package). It derives ComfyUI's LoRA key map for a
-model from the model file's *header*: ComfyUI detects the family from names, shapes and a few
-small tensors, then builds the model (and, for a full checkpoint, its text encoder) on the
-``meta`` device, so no weight is allocated — the same calls ComfyUI's own loaders make, minus
-the weight loading.
+``python -m lorax_core ... --comfyui PATH`` runs this file as a separate program with the same
+Python (``python nodes/_comfy_keymap.py --comfyui ROOT --model FILE [--lora FILE]``) and reads one
+JSON answer from its standard output, so the ``lorax_core`` process never imports ComfyUI or this
+package (STYLE.md rule 1; ``tests/unit/test_import_boundary.py``).
+
+It derives ComfyUI's LoRA key map for a model from the model file's *header*: ComfyUI detects the
+family from names, shapes and a few small tensors, then builds the model (and, for a full
+checkpoint, its text encoder) on the ``meta`` device, so no weight is allocated — the same calls
+ComfyUI's own loaders make, minus the weight loading. With ``--lora`` it also reports how
+ComfyUI's ``lora_convert.convert_lora`` renames that LoRA's tensors (computed on ``meta`` tensors
+from the LoRA's header).
+
+The answer (one line of JSON)::
+
+    {"key_map": {LoRA layer name: model key | [model key, [dim, offset, size]]},
+     "renames": {new tensor name: LoRA tensor name} | null,      # null: convert_lora keeps the names
+     "extra": {new tensor name: {"dtype": str, "values": nested list}}}   # tensors convert_lora makes
+    {"error": {"kind": "import" | "unrecognised" | "failed" | "format", "message": str}}
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
-from collections.abc import Callable
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -150,3 +167,132 @@ def _text_encoder_key_map(
     for name, key in lora_module.model_lora_keys_clip(encoder, {}).items():
         out[name] = (f"text_encoders.{key[0]}", key[1]) if isinstance(key, tuple) else f"text_encoders.{key}"
     return out
+
+
+# Tensors this small are read with their values: ComfyUI's detection of some model configs looks
+# at values, not shapes (SD2's v-prediction test takes the std of a 320-wide norm bias; SDXL
+# variants read scalar ``edm_vpred.sigma_*`` / ``v_pred`` markers). All such tensors are norms,
+# biases and scalars — a few MB even for SDXL or Flux.
+DETECTION_VALUE_LIMIT = 4096
+
+
+def header_state_dict(
+    path: Path, *, value_limit: int = DETECTION_VALUE_LIMIT
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors as ComfyUI's model detection sees them, read from the header only.
+
+    Every tensor is a ``meta`` tensor of the stored shape and dtype (no storage), except tensors
+    of at most ``value_limit`` elements, which are read (on CPU) because some model configs test
+    their values.
+
+    Returns:
+        ``(state dict, string metadata)`` with the file's own key names.
+
+    Raises:
+        FormatError: missing, corrupt or truncated file (``lorax_core.formats.io.read_header``).
+    """
+    from safetensors import safe_open
+
+    from lorax_core.errors import FormatError
+    from lorax_core.formats.io import SAFETENSORS_DTYPES, read_header
+
+    header, metadata = read_header(path)
+    state: dict[str, torch.Tensor] = {}
+    small: list[str] = []
+    for name, entry in header.items():
+        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[union-attr]
+        dtype = SAFETENSORS_DTYPES[str(entry["dtype"])]  # read_header checked the name
+        state[name] = torch.empty(shape, dtype=dtype, device="meta")
+        if math.prod(shape) <= value_limit:
+            small.append(name)
+    if small:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for name in small:
+                    state[name] = fh.get_tensor(name)
+        except Exception as exc:  # safetensors' own SafetensorError
+            raise FormatError(f"{path}: safetensors could not read the file ({exc}); it may be corrupt.") from None
+    return state, metadata
+
+
+def lora_renames(
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], lora: Path
+) -> tuple[dict[str, str] | None, dict[str, dict[str, object]]]:
+    """How ``convert`` (ComfyUI's ``convert_lora``) renames the tensors of the LoRA file ``lora``.
+
+    ``convert`` runs on the LoRA's header as ``meta`` tensors (no factor is read): an output
+    tensor that *is* an input tensor was renamed; any other output is a tensor ``convert`` made
+    (BFL control LoRAs get a small ``reshape_weight``), returned with its values.
+
+    Returns:
+        ``(renames or None when every name is kept, extra tensors)``.
+
+    Raises:
+        FormatError: the LoRA file is unreadable.
+    """
+    state, _ = header_state_dict(lora, value_limit=0)
+    names = {id(tensor): name for name, tensor in state.items()}
+    renames: dict[str, str] = {}
+    extra: dict[str, dict[str, object]] = {}
+    for new, tensor in convert(dict(state)).items():
+        old = names.get(id(tensor))
+        if old is not None:
+            renames[new] = old
+        elif tensor.is_meta:  # a converter that computed from a factor's values: not expressible as a rename
+            raise RuntimeError(f"ComfyUI's convert_lora derived {new!r} from tensor values")
+        else:
+            extra[new] = {"dtype": str(tensor.dtype).removeprefix("torch."), "values": tensor.tolist()}
+    if not extra and renames == {name: name for name in state}:
+        return None, {}
+    return renames, extra
+
+
+def _answer(args: argparse.Namespace) -> dict[str, object]:
+    """The JSON answer for one ``--comfyui`` request (see the module docstring)."""
+    from lorax_core.errors import LoraxError
+
+    try:
+        state, metadata = header_state_dict(args.model)
+        try:
+            found = key_map_from_header(state, metadata, standalone=True)
+        except ImportError as exc:  # ComfyUI's own dependencies (or ComfyUI itself) missing from this Python
+            return {"error": {"kind": "import", "message": f"{type(exc).__name__}: {exc}"}}
+        if found is None:
+            return {"error": {"kind": "unrecognised", "message": ""}}
+        key_map, convert = found
+        renames, extra = lora_renames(convert, args.lora) if args.lora is not None else (None, {})
+    except LoraxError as exc:
+        return {"error": {"kind": "format", "message": str(exc)}}
+    except Exception as exc:  # ComfyUI raises plain KeyError/RuntimeError on layouts it half-recognises
+        return {"error": {"kind": "failed", "message": f"{type(exc).__name__}: {exc}"}}
+    return {
+        "key_map": {name: [t[0], list(t[1])] if isinstance(t, tuple) else t for name, t in key_map.items()},
+        "renames": renames,
+        "extra": extra,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Answer one request on standard output (status 0 even for an error answer; 2 for bad arguments)."""
+    parser = argparse.ArgumentParser(description="ComfyUI's LoRA key map for a model file, as JSON (for --comfyui).")
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI's root folder")
+    parser.add_argument("--model", type=Path, required=True, help="the base model file")
+    parser.add_argument("--lora", type=Path, default=None, help="a LoRA file whose renames to report")
+    args = parser.parse_args(argv)
+    if str(args.comfyui) not in sys.path:
+        sys.path.insert(1, str(args.comfyui))
+    # ComfyUI may print while it is imported; only the answer goes to standard output.
+    answer_stream, sys.stdout = sys.stdout, sys.stderr
+    try:
+        answer = _answer(args)
+    finally:
+        sys.stdout = answer_stream
+    answer_stream.write(json.dumps(answer) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a program: this folder (the pack's ``nodes``, whose modules would shadow others) is
+    # replaced on the import path by the pack root, so ``lorax_core`` is importable.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    sys.exit(main())

@@ -20,7 +20,6 @@ modules and samples like any LoRA-patched model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ from ..lorax_core.linalg import Subspace
 from ..lorax_core.lorax_export import basis_record, lorax_to_standard
 from ..lorax_core.lorax_module import LoraXDelta
 from ..lorax_core.similarity import SubspaceProvider
-from ..lorax_core.types import LoraFactors, LoraXFactors
+from ..lorax_core.types import LoraFactors, LoraXFactors, flat_shape
 from . import _host
 from ._refine_host import copy_other_weights, fit_latent, trainable
 
@@ -206,7 +205,7 @@ def _student(
     adapters, clipped = {}, 0
     for key in setup.keys:
         shape = tuple(state[key].shape)
-        flat = (shape[0], math.prod(shape[1:]))
+        flat = flat_shape(shape)
         R = min(rank, *flat)
         clipped += R < rank
         adapters[key] = LoraXDiff(LoraXDelta(bases(key, R), shape))

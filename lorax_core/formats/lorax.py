@@ -15,12 +15,10 @@ File metadata: ``lorax.format = "lorax-core"``, ``lorax.format_version = "1"``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import LoraxError
-from ..types import AdapterLayer, LoraXFactors
+from ..types import AdapterLayer, LoraXFactors, flat_shape
 from .base import LayerParts
 from .keys import LORAX_CORE_SUFFIX, LORAX_SHAPE_SUFFIX, UNSUPPORTED_SUFFIXES, KeyStyle
 
@@ -59,7 +57,7 @@ class LoraxHandler:
             return "rank-0 LoRA-X layer (an empty core: it changes nothing); not transferable"
         if not bool(torch.isfinite(core).all()):
             return f"NaN or Inf values in {LORAX_CORE_SUFFIX.lstrip('.')} (the file is damaged); not transferable"
-        if min(shape) < 1 or core.shape[0] > min(shape[0], math.prod(shape[1:])):
+        if min(shape) < 1 or core.shape[0] > min(flat_shape(shape)):
             return f"LoRA-X rank {core.shape[0]} does not fit a base weight of shape {shape}"
         try:
             return LoraXFactors(core=core, shape=shape), LORAX_STYLE

@@ -28,7 +28,7 @@ from lorax_core.formats.base import pair_tensors
 from lorax_core.formats.io import save_tensors
 from lorax_core.formats.keys import KOHYA_STYLE, PEFT_STYLE
 from lorax_core.linalg import recompress, top_subspace
-from lorax_core.transfer import SKIP_NONFINITE_WEIGHT, SKIP_OVERFLOW, transfer_adapter
+from lorax_core.transfer import SkipReason, transfer_adapter
 from lorax_core.types import DictWeights, LayerReport, LoraFactors, TransferOptions, TransferReport
 
 KEY = "diffusion_model.a.weight"
@@ -84,7 +84,7 @@ def test_nan_in_target_weights_skips_layers_for_that_reason_even_with_force(tmp_
     line = one_error_line(capsys)
     assert line.startswith(
         f"lorax_core transfer: error: none of the 8 layers was transferred; most common reason (8 layers): "
-        f"{SKIP_NONFINITE_WEIGHT}. Fix: re-download the source and target models"
+        f"{SkipReason.NONFINITE_WEIGHT.text}. Fix: re-download the source and target models"
     ), line
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -93,7 +93,9 @@ def test_nan_weight_names_file_and_tensor(tmp_path) -> None:
     files = _cli_files(tmp_path, nan_target=True)
     from lorax_core.modelio import open_model
 
-    with pytest.raises(NonFiniteError, match=re.escape(f"{files.target}: weight {CHECKPOINT_KEY!r} holds 1 NaN or Inf")):
+    with pytest.raises(
+        NonFiniteError, match=re.escape(f"{files.target}: weight {CHECKPOINT_KEY!r} holds 1 NaN or Inf")
+    ):
         open_model(files.target).get(f"diffusion_model.{CHECKPOINT_KEY.removeprefix('model.diffusion_model.')}")
 
 
@@ -114,9 +116,13 @@ def test_huge_factors_are_skipped_not_crashed_or_copied(tmp_path, capsys, method
     line = one_error_line(capsys)
     assert line.startswith(
         f"lorax_core transfer: error: none of the 8 layers was transferred; most common reason (8 layers): "
-        f"{SKIP_OVERFLOW}. Fix: check the LoRA file"
+        f"{SkipReason.OVERFLOW.text}. Fix: check the LoRA file"
     ), line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "source.safetensors", "target.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "lora.safetensors",
+        "source.safetensors",
+        "target.safetensors",
+    ]
 
 
 def test_recompress_refuses_non_finite_factors() -> None:
@@ -155,7 +161,9 @@ def test_folded_scale_beyond_float32_is_refused() -> None:
 
 def test_no_write_holds_a_non_finite_value(tmp_path) -> None:
     out = tmp_path / "o.safetensors"
-    with pytest.raises(NonFiniteError, match=re.escape(f"{out}: refusing to write tensor 'a': 1 of its 3 values are NaN")):
+    with pytest.raises(
+        NonFiniteError, match=re.escape(f"{out}: refusing to write tensor 'a': 1 of its 3 values are NaN")
+    ):
         save_tensors(out, {"a": torch.tensor([1.0, math.nan, 2.0])})
     assert list(tmp_path.iterdir()) == []
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from lorax_core.cli import main
 from lorax_core.errors import ShapeMismatchError
 from lorax_core.formats import parse_lora
-from lorax_core.transfer import SKIP_WEIGHT_NDIM, transfer_adapter
+from lorax_core.transfer import SkipReason, transfer_adapter
 from lorax_core.types import DictWeights, LoraFactors, TransferOptions
 
 GOOD = {"lora_unet_ok.lora_up.weight": torch.ones(8, 2), "lora_unet_ok.lora_down.weight": torch.ones(2, 8)}
@@ -94,4 +94,4 @@ def test_transfer_core_skips_a_3d_base_weight_per_layer() -> None:
     target = DictWeights({"a": w.reshape(8, 8, 1), "b": w})
     result = transfer_adapter({"a": layer, "b": layer}, source, target, TransferOptions(rank=4))
     a, b = result.report.layers
-    assert (a.status, a.reason, b.status) == ("skipped", SKIP_WEIGHT_NDIM, "transferred")
+    assert (a.status, a.reason, b.status) == ("skipped", SkipReason.WEIGHT_NDIM.text, "transferred")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from _cli_helpers import ROOT, run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorax_core.cli import _comfyui_key_map, _header_state_dict
+from lorax_core.cli import _comfyui_key_map
 from lorax_core.errors import FormatError, OptionError
 from lorax_core.formats.resolve import NEEDS_COMFYUI
 
@@ -216,7 +217,7 @@ def test_key_map_of_diffusion_model_file(comfy_files: ComfyFiles) -> None:
             assert key_map[name] == key
     # No text encoder in a diffusion-model-only file, so no text-encoder targets.
     assert not any(str(v).startswith("text_encoders.") for v in key_map.values())
-    assert callable(convert)
+    assert convert is None  # no LoRA named: nothing to rename
 
 
 def test_key_map_of_checkpoint_includes_text_encoder(comfy_files: ComfyFiles) -> None:
@@ -257,14 +258,86 @@ def test_missing_bridge_module(files, monkeypatch, tmp_path: Path) -> None:
     import lorax_core.cli as cli
 
     monkeypatch.setattr(cli, "COMFY_BRIDGE", tmp_path / "nodes" / "_comfy_keymap.py")
-    with pytest.raises(OptionError, match=re.escape("--comfyui needs the pack's nodes/_comfy_keymap.py next to lorax_core")):
+    with pytest.raises(
+        OptionError, match=re.escape("--comfyui needs the pack's nodes/_comfy_keymap.py next to lorax_core")
+    ):
         _comfyui_key_map(COMFYUI, files.source)
 
 
+def _bridge_module() -> Any:
+    """The pack's ``nodes/_comfy_keymap.py``, loaded by path (the pack's ``nodes`` is not importable by name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(  # noqa: TID251 -- tests may load host glue by path
+        "lorax_test_comfy_keymap", ROOT / "nodes" / "_comfy_keymap.py"
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def test_header_state_dict_reads_no_weights(comfy_files: ComfyFiles) -> None:
-    state, _ = _header_state_dict(comfy_files.source)
+    state, _ = _bridge_module().header_state_dict(comfy_files.source)
     big = state["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight"]
     assert big.is_meta and big.shape == (2560, 320) and big.dtype == torch.float16
     bias = state["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.norm1.bias"]
     assert not bias.is_meta and bias.shape == (320,)  # small tensors carry values (some families test them)
     assert sum(t.numel() for t in state.values() if not t.is_meta) < 0.01 * sum(t.numel() for t in state.values())
+
+
+def test_comfyui_option_keeps_comfy_out_of_the_core_process(comfy_files: ComfyFiles) -> None:
+    # The key map comes from a separate process: the process running lorax_core never imports ComfyUI.
+    code = (
+        "import json, sys\n"
+        "from lorax_core.cli import main\n"
+        f"status = main(['similarity', '--source', {str(comfy_files.source)!r}, '--target', {str(comfy_files.target)!r}, "
+        f"'--lora', {str(comfy_files.lora)!r}, '--rank', '{SIMILARITY_RANK}', '--comfyui', {str(COMFYUI)!r}])\n"
+        "print(json.dumps([status, sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('comfy', 'comfy_api', 'folder_paths', 'nodes', 'server', 'execution'))]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    status, host_modules = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status == 0, done.stderr
+    assert host_modules == []
+
+
+def test_bridge_renames_a_lora_the_way_comfyui_converts_it(tmp_path: Path) -> None:
+    # Wan "Fun" LoRAs are renamed by ComfyUI's convert_lora (lora_unet__ -> lora_unet_); the bridge
+    # reports that as renames computed from the header, and the core applies them.
+    from lorax_core.cli import _renamer
+
+    _import_comfy()
+    import comfy.lora_convert  # noqa: TID251 -- the test drives the real host
+
+    lora = tmp_path / "wan_fun.safetensors"
+    tensors = {
+        "lora_unet__blocks_0_cross_attn_k.lora_down.weight": torch.ones(2, 8),
+        "lora_unet__blocks_0_cross_attn_k.lora_up.weight": torch.ones(8, 2),
+    }
+    save_file(tensors, str(lora))
+    renames, extra = _bridge_module().lora_renames(comfy.lora_convert.convert_lora, lora)
+    assert renames == {
+        "lora_unet_blocks_0_cross_attn_k.lora_down.weight": "lora_unet__blocks_0_cross_attn_k.lora_down.weight",
+        "lora_unet_blocks_0_cross_attn_k.lora_up.weight": "lora_unet__blocks_0_cross_attn_k.lora_up.weight",
+    }
+    assert extra == {}
+    converted = _renamer(renames, extra)(tensors)  # type: ignore[misc]
+    assert set(converted) == set(comfy.lora_convert.convert_lora(dict(tensors)))
+    # A LoRA whose names ComfyUI keeps needs no converter.
+    plain = tmp_path / "plain.safetensors"
+    save_file({"lora_unet_blocks_0_cross_attn_k.lora_down.weight": torch.ones(2, 8)}, str(plain))
+    assert _bridge_module().lora_renames(comfy.lora_convert.convert_lora, plain) == (None, {})
+
+
+def test_bridge_without_an_answer(files, monkeypatch, tmp_path: Path) -> None:
+    # A bridge that dies (here: a stand-in that exits 1 with a traceback) gives one clear error.
+    import lorax_core.cli as cli
+
+    broken = tmp_path / "nodes" / "_comfy_keymap.py"
+    broken.parent.mkdir()
+    broken.write_text("import sys\nsys.stderr.write('Traceback: boom\\n')\nsys.exit(1)\n")
+    monkeypatch.setattr(cli, "COMFY_BRIDGE", broken)
+    with pytest.raises(
+        OptionError, match=r"the pack's ComfyUI bridge \(.*\) gave no answer \(exit status 1: Traceback: boom\)"
+    ):
+        _comfyui_key_map(COMFYUI, files.source)

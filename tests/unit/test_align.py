@@ -24,7 +24,7 @@ from lorax_core.align import (
 from lorax_core.errors import NothingTransferableError, OptionError, ShapeMismatchError
 from lorax_core.linalg import top_subspace
 from lorax_core.similarity import similarity_rank
-from lorax_core.transfer import SKIP_BELOW, transfer_adapter, transfer_lora_layer
+from lorax_core.transfer import SkipReason, transfer_adapter, transfer_lora_layer
 from lorax_core.types import DictWeights, LoraFactors, LoraXFactors, TransferOptions
 
 KEY = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
@@ -216,7 +216,7 @@ def test_auto_aligns_only_what_the_gate_would_skip(make_weight, make_factors, he
     assert helpers.rel_err(_out(result, keys[0]), P.double() @ helpers.dense(layers[keys[0]])) < tol[torch.float32]
     assert unchanged.method == "exact" and unchanged.reason == ""
     assert helpers.rel_err(_out(result, keys[1]), helpers.dense(layers[keys[1]])) < tol[torch.float32]
-    assert unrelated.status == "skipped" and unrelated.reason == SKIP_BELOW and unrelated.method == "exact"
+    assert unrelated.status == "skipped" and unrelated.reason == SkipReason.BELOW.text and unrelated.method == "exact"
     assert set(result.layers) == set(keys[:2])
 
 
@@ -229,7 +229,7 @@ def test_unrelated_and_doubly_moved_targets_are_still_refused(make_weight, make_
         test = alignment_test(*_full(W, W_t), similarity_rank(R, m, n))
         assert not test.reparameterised and test.phi_anchor < test.threshold
         for method in ("auto", "align"):
-            with pytest.raises(NothingTransferableError, match=re.escape(SKIP_BELOW)):
+            with pytest.raises(NothingTransferableError, match=re.escape(SkipReason.BELOW.text)):
                 _run({KEY: f}, W, W_t, rank=R, method=method)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from lorax_core.errors import OptionError
 from lorax_core.matching import ALL_TAKEN, NO_NAME, NO_PARTNER, layer_kind, match_layers
-from lorax_core.transfer import SKIP_BELOW, transfer_adapter
+from lorax_core.transfer import SkipReason, transfer_adapter
 from lorax_core.types import DictWeights, TransferOptions
 
 
@@ -69,7 +69,7 @@ def test_transfer_with_similarity_matching_skips_the_planted_layer(distilled, ma
     res = transfer_adapter(layers, source, target, TransferOptions(rank=16, match="similarity"))
     assert set(res.layers) == {_key(20 + j) for j in range(4)}
     rep = {r.source_key: r for r in res.report.layers}
-    assert rep[_key(2)].status == "skipped" and rep[_key(2)].reason == SKIP_BELOW
+    assert rep[_key(2)].status == "skipped" and rep[_key(2)].reason == SkipReason.BELOW.text
     assert rep[_key(2)].target_key == _key(30)
     assert rep[_key(keep[0])].target_key == _key(20) and "paired by similarity" in rep[_key(keep[0])].reason
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorax_core.matching import DEPTH_NONE, DEPTH_TAKEN, match_layers
-from lorax_core.transfer import SKIP_BELOW, transfer_adapter
+from lorax_core.transfer import SkipReason, transfer_adapter
 from lorax_core.types import DictWeights, TransferOptions
 
 DEEP = "diffusion_model.input_blocks.7.1"  # 10 blocks in the source, 4 kept in the target
@@ -113,7 +113,7 @@ def test_name_mode_meets_the_wrong_namesake(ssd_like, make_factors) -> None:
     options = TransferOptions(rank=16, match="name")
     res = transfer_adapter(layers, DictWeights(source_sd), DictWeights(target_sd), options)
     report = {r.source_key: r for r in res.report.layers}
-    assert report[key].reason == SKIP_BELOW and report[key].target_key == key
+    assert report[key].reason == SkipReason.BELOW.text and report[key].target_key == key
     auto = transfer_adapter(layers, DictWeights(source_sd), DictWeights(target_sd), TransferOptions(rank=16))
     moved = {r.source_key: r for r in auto.report.layers}[key]
     assert moved.status == "skipped" and moved.reason == DEPTH_NONE  # block 1 was dropped: reported, not mis-paired

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 from lorax_core.errors import NothingTransferableError, ShapeMismatchError
 from lorax_core.formats import LoraFile
 from lorax_core.modelio import open_model
-from lorax_core.pipeline import ModelInfo, output_metadata, output_names, plan_transfer, shape_problem
+from lorax_core.pipeline import ModelInfo, output_metadata, output_names, plan_transfer
 from lorax_core.transfer import transfer_adapter
-from lorax_core.types import DictWeights, LoraFactors, TransferOptions
+from lorax_core.types import DictWeights, LoraFactors, TransferOptions, shape_problem
 
 KEY = "diffusion_model.blocks.0.attn.to_q.weight"
 QKV = "diffusion_model.blocks.0.attn.qkv.weight"

@@ -18,12 +18,7 @@ from lorax_core.errors import (
 from lorax_core.linalg import top_subspace
 from lorax_core.similarity import compute_similarity
 from lorax_core.transfer import (
-    SKIP_BELOW,
-    SKIP_NO_SOURCE,
-    SKIP_PROJECTED_ZERO,
-    SKIP_SOURCE_SHAPE,
-    SKIP_WIDTH,
-    SKIP_ZERO,
+    SkipReason,
     choose_method,
     lorax_to_lora,
     transfer_adapter,
@@ -142,7 +137,7 @@ def test_rotated_target_scores_chance_and_is_skipped(make_weight, make_factors, 
     W = make_weight(128, 128)
     W_t = make_orthogonal(128) @ W @ make_orthogonal(128).T
     f = make_factors(128, 128, 8)
-    with pytest.raises(NothingTransferableError, match=re.escape(SKIP_BELOW)):
+    with pytest.raises(NothingTransferableError, match=re.escape(SkipReason.BELOW.text)):
         _run(f, W, W_t, rank=R)
     forced = _run(f, W, W_t, rank=R, force=True)
     rep = forced.report.layers[0]
@@ -159,7 +154,7 @@ def test_rotated_target_scores_chance_and_is_skipped(make_weight, make_factors, 
         TransferOptions(rank=R),
     )
     skipped = result.report.skipped
-    assert [r.key for r in skipped] == [KEY] and skipped[0].reason == SKIP_BELOW
+    assert [r.key for r in skipped] == [KEY] and skipped[0].reason == SkipReason.BELOW.text
     assert list(result.layers) == [other]
 
 
@@ -240,9 +235,11 @@ def test_zero_lora_is_reported_not_crashed(make_weight, make_factors) -> None:
         TransferOptions(rank=16),
     )
     rep = {r.key: r for r in res.report.layers}
-    assert rep[KEY].status == "skipped" and rep[KEY].reason == SKIP_ZERO and rep[KEY].norm_source == 0.0
+    assert rep[KEY].status == "skipped" and rep[KEY].reason == SkipReason.ZERO.text and rep[KEY].norm_source == 0.0
     assert list(res.layers) == [other]
-    with pytest.raises(NothingTransferableError, match=re.escape(f"most common reason (1 layers): {SKIP_ZERO}")):
+    with pytest.raises(
+        NothingTransferableError, match=re.escape(f"most common reason (1 layers): {SkipReason.ZERO.text}")
+    ):
         _run(zero, W, W)
 
 
@@ -279,11 +276,21 @@ def test_report_records_every_layer_and_progress(make_weight, make_factors) -> N
     assert seen == [(i, 5) for i in range(1, 6)]
     rep = {r.key: r for r in res.report.layers}
     assert rep["lora_unet_a_to_q"].status == "transferred" and rep["lora_unet_a_to_q"].source_key == keys[0]
-    assert rep[keys[1]].reason == SKIP_WIDTH and rep[keys[1]].target_shape == (64, 128)
-    assert rep[keys[2]].reason == SKIP_SOURCE_SHAPE
-    assert rep[keys[3]].reason == SKIP_NO_SOURCE
+    assert rep[keys[1]].reason == SkipReason.WIDTH.text and rep[keys[1]].target_shape == (64, 128)
+    assert rep[keys[2]].reason == SkipReason.SOURCE_SHAPE.text
+    assert rep[keys[3]].reason == SkipReason.NO_SOURCE.text
     assert rep["lora_unet_loha_layer"].reason == "LoHa layers are not supported"
+    # Each skip is also a value (the report's "code"), so no caller has to compare message text.
+    codes = {key: r.code for key, r in rep.items()}
+    assert codes == {
+        "lora_unet_a_to_q": "",
+        keys[1]: SkipReason.WIDTH,
+        keys[2]: SkipReason.SOURCE_SHAPE,
+        keys[3]: SkipReason.NO_SOURCE,
+        "lora_unet_loha_layer": SkipReason.UNRESOLVED,
+    }
     data = json.loads(res.report.to_json())
+    assert {layer["key"]: layer["code"] for layer in data["layers"]}[keys[1]] == "width"
     assert data["totals"]["transferred"] == 1 and data["totals"]["skipped"] == 4
     assert set(data["layers"][0]) >= {
         "key",
@@ -311,7 +318,7 @@ def test_strict_mode_raises_on_the_first_skip(make_weight, make_factors) -> None
     f = make_factors(64, 64, 4)
     with pytest.raises(
         LayerSkippedError,
-        match=re.escape(f"layer {KEY}: skipped because {SKIP_WIDTH} (source (64, 64) vs target (64, 128))"),
+        match=re.escape(f"layer {KEY}: skipped because {SkipReason.WIDTH.text} (source (64, 64) vs target (64, 128))"),
     ):
         _run(f, W, make_weight(64, 128), rank=16, strict=True, match="name")
     with pytest.raises(LayerSkippedError, match=re.escape("layer lora_unet_x: skipped because unknown key")):
@@ -357,7 +364,7 @@ def test_nothing_transferable_message_names_count_reason_and_fix(make_weight, ma
     layers = {f"diffusion_model.l{i}.to_q.weight": make_factors(64, 64, 4) for i in range(3)}
     weights = dict.fromkeys(layers, W)
     expected = (
-        f"none of the 3 layers was transferred; most common reason (3 layers): {SKIP_BELOW}. "
+        f"none of the 3 layers was transferred; most common reason (3 layers): {SkipReason.BELOW.text}. "
         "Fix: lower the threshold (now 0.5), set force, or check the source/target base models are related."
     )
     with pytest.raises(NothingTransferableError, match=re.escape(expected)):
@@ -415,14 +422,15 @@ def test_update_projected_to_zero_is_reported(make_orthogonal) -> None:
     W = (P * torch.exp(-4.0 * torch.arange(64) / 64)) @ Q.T
     # The LoRA lives entirely outside the top-16 spaces, so `project` leaves nothing.
     f = LoraFactors(up=P[:, 20:24].clone(), down=Q[:, 20:24].T.clone())
-    with pytest.raises(NothingTransferableError, match=re.escape(f"(1 layers): {SKIP_PROJECTED_ZERO}")):
+    with pytest.raises(NothingTransferableError, match=re.escape(f"(1 layers): {SkipReason.PROJECTED_ZERO.text}")):
         _run(f, W, W, method="project", rank=16)
     rep = _run(f, W, W, method="exact", rank=16).report.layers[0]
     assert rep.status == "transferred" and rep.output_rank == 4
 
 
-def test_auto_copies_conv_layers_behind_the_similarity_gate(make_weight, make_factors, make_orthogonal, helpers,
-                                                              tol) -> None:
+def test_auto_copies_conv_layers_behind_the_similarity_gate(
+    make_weight, make_factors, make_orthogonal, helpers, tol
+) -> None:
     # auto keeps a conv layer's update unchanged (the quality benchmark's finding) but, unlike
     # copy asked for by name, still refuses a conv layer whose base is unrelated.
     W = make_weight(64, 64 * 9).reshape(64, 64, 3, 3)
