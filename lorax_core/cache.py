@@ -27,6 +27,16 @@ Pass ``storage_dtype=torch.float32`` for bit-exact entries at twice the size.
 Values returned from a *hit* are float32 tensors on the CPU; callers move them to their
 compute device. A *miss* returns exactly what ``compute`` returned (no rounding), so the first
 run of a transfer is never less accurate than an uncached one.
+
+Precomputed entries (:class:`WritableSubspaceCache`): ``lookup`` answers without computing,
+``contains`` says whether it would (without reading a file), and ``put`` stores a subspace
+computed elsewhere (the batched GPU path, ``lorax_core.batched``).
+Both, and ``get_or_compute``, take an optional ``method`` tag that replaces the cache's own
+(:data:`DEFAULT_METHOD_TAG`) in the key, so entries of different algorithms never mix.
+:meth:`DiskCache.put` hands the checksum and the write to one background thread; until the
+file is written, lookups are answered from the queued (already storage-rounded) tensors, so a
+put entry reads back the same whichever comes first. :meth:`DiskCache.flush` waits for the
+queue; the writer is not a daemon thread, so the interpreter also waits for it at exit.
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ __all__ = [
     "MemoryCache",
     "NullCache",
     "SubspaceCache",
+    "WritableSubspaceCache",
     "default_cache_dir",
     "open_cache",
 ]
@@ -87,6 +98,9 @@ _TMP_SUFFIX = ".tmp"
 _STALE_TMP_S = 3600.0
 # Evict down to this fraction of the limit, so that a full cache is not rescanned on every write.
 _LOW_WATER = 0.9
+# Bound on the storage-dtype tensors queued for the background writer (DiskCache.put blocks
+# beyond it): host memory stays small while the GPU produces entries faster than the disk takes them.
+_PENDING_BYTES = 128 * 1024**2
 _STORAGE_DTYPES = {torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -100,6 +114,38 @@ class SubspaceCache(Protocol):
     """
 
     def get_or_compute(self, fingerprint: str, key: str, rank: int, compute: Callable[[], Subspace]) -> Subspace: ...
+
+
+@runtime_checkable
+class WritableSubspaceCache(SubspaceCache, Protocol):
+    """A :class:`SubspaceCache` that also takes precomputed entries (all three classes here).
+
+    ``method`` names the algorithm in the key; ``None`` means the cache's default
+    (:data:`DEFAULT_METHOD_TAG`, i.e. :func:`linalg.top_subspace`). An entry put under one
+    method is never returned for another.
+    """
+
+    def get_or_compute(
+        self, fingerprint: str, key: str, rank: int, compute: Callable[[], Subspace], *, method: str | None = None
+    ) -> Subspace:
+        """The entry, or ``compute()`` stored under this key."""
+        ...
+
+    def lookup(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> Subspace | None:
+        """The entry if the cache holds it, else ``None``; never computes."""
+        ...
+
+    def contains(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> bool:
+        """Whether :meth:`lookup` would find the entry, without reading it (a corrupt file still counts)."""
+        ...
+
+    def put(self, fingerprint: str, key: str, rank: int, sub: Subspace, *, method: str | None = None) -> None:
+        """Store a subspace computed elsewhere (may complete in the background, see :meth:`flush`)."""
+        ...
+
+    def flush(self) -> None:
+        """Return once every ``put`` is stored."""
+        ...
 
 
 @dataclass
@@ -119,9 +165,26 @@ class NullCache:
     def __init__(self) -> None:
         self.stats = CacheStats()
 
-    def get_or_compute(self, fingerprint: str, key: str, rank: int, compute: Callable[[], Subspace]) -> Subspace:
+    def get_or_compute(
+        self, fingerprint: str, key: str, rank: int, compute: Callable[[], Subspace], *, method: str | None = None
+    ) -> Subspace:
         self.stats.misses += 1
         return compute()
+
+    def lookup(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> Subspace | None:
+        """Always ``None`` (a miss): nothing is ever kept."""
+        self.stats.misses += 1
+        return None
+
+    def contains(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> bool:
+        """Always ``False``."""
+        return False
+
+    def put(self, fingerprint: str, key: str, rank: int, sub: Subspace, *, method: str | None = None) -> None:
+        """Discards ``sub``: bypassing the cache means nothing is kept."""
+
+    def flush(self) -> None:
+        """Nothing is ever pending."""
 
     def clear(self) -> None:
         """Nothing to clear; present so every cache can be cleared the same way."""
@@ -149,7 +212,7 @@ class MemoryCache:
         self.max_bytes = max_bytes
         self.backing = backing
         self.stats = CacheStats()
-        self._entries: OrderedDict[tuple[str, str, int], Subspace] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, int, str | None], Subspace] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -161,20 +224,67 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_or_compute(self, fingerprint: str, key: str, rank: int, compute: Callable[[], Subspace]) -> Subspace:
-        ident = (fingerprint, key, int(rank))
+    def get_or_compute(
+        self, fingerprint: str, key: str, rank: int, compute: Callable[[], Subspace], *, method: str | None = None
+    ) -> Subspace:
+        ident = (fingerprint, key, int(rank), method)
+        found = self._find(ident)
+        if found is not None:
+            return found
+        # Computed outside the lock: an SVD takes seconds and must not serialise other threads.
+        if method is None and self.backing is not None:
+            sub = self.backing.get_or_compute(fingerprint, key, rank, compute)
+        elif method is not None and isinstance(self.backing, WritableSubspaceCache):
+            sub = self.backing.get_or_compute(fingerprint, key, rank, compute, method=method)
+        else:  # no backing, or one that cannot tell methods apart (it would mix them)
+            sub = compute()
+        self._insert(ident, sub)
+        return sub
+
+    def lookup(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> Subspace | None:
+        """The held entry, else the backing cache's (then kept here too) if it can look up; never computes."""
+        ident = (fingerprint, key, int(rank), method)
+        found = self._find(ident)
+        if found is None and isinstance(self.backing, WritableSubspaceCache):
+            found = self.backing.lookup(fingerprint, key, rank, method=method)
+            if found is not None:
+                self._insert(ident, found)
+        return found
+
+    def contains(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> bool:
+        """Whether the entry is held here or (for a writable backing cache) there; counts nothing."""
+        with self._lock:
+            if (fingerprint, key, int(rank), method) in self._entries:
+                return True
+        return isinstance(self.backing, WritableSubspaceCache) and self.backing.contains(
+            fingerprint, key, rank, method=method
+        )
+
+    def put(self, fingerprint: str, key: str, rank: int, sub: Subspace, *, method: str | None = None) -> None:
+        """Keep ``sub`` (as given: same device and dtype) and hand it to a writable backing cache."""
+        self._insert((fingerprint, key, int(rank), method), sub)
+        if isinstance(self.backing, WritableSubspaceCache):
+            self.backing.put(fingerprint, key, rank, sub, method=method)
+
+    def flush(self) -> None:
+        """Flush the backing cache (nothing here is ever pending)."""
+        if isinstance(self.backing, WritableSubspaceCache):
+            self.backing.flush()
+
+    def _find(self, ident: tuple[str, str, int, str | None]) -> Subspace | None:
         with self._lock:
             found = self._entries.get(ident)
             if found is not None:
                 self._entries.move_to_end(ident)
                 self.stats.hits += 1
-                return found
-            self.stats.misses += 1
-        # Computed outside the lock: an SVD takes seconds and must not serialise other threads.
-        sub = self.backing.get_or_compute(fingerprint, key, rank, compute) if self.backing else compute()
+            else:
+                self.stats.misses += 1
+            return found
+
+    def _insert(self, ident: tuple[str, str, int, str | None], sub: Subspace) -> None:
         size = _nbytes(sub)
         if size > self.max_bytes:
-            return sub
+            return
         with self._lock:
             if ident not in self._entries:
                 self._entries[ident] = sub
@@ -183,7 +293,6 @@ class MemoryCache:
                 _, old = self._entries.popitem(last=False)
                 self._bytes -= _nbytes(old)
                 self.stats.evicted += 1
-        return sub
 
     def clear(self) -> None:
         """Drop every in-memory entry (the backing cache is left alone)."""
@@ -246,6 +355,11 @@ class DiskCache:
       vanishes between listing and reading (evicted or cleared by another process) is a miss.
     * *Failures to write* (disk full, permissions changed) are logged and the computed value
       is returned: the cache only ever saves time, it never fails a transfer.
+    * *Background writes*: :meth:`put` converts the entry to its storage dtype on the CPU at
+      once and queues the checksum and the write for one writer thread (at most
+      ``_PENDING_BYTES`` queued; ``put`` waits beyond that). Queued entries answer lookups
+      in this process; :meth:`flush` waits for the queue, and the interpreter waits for the
+      (non-daemon) writer at exit. Write failures there are logged warnings, as above.
 
     Args:
         directory: the cache root; created if missing. The CLI uses :func:`default_cache_dir`;
@@ -280,6 +394,11 @@ class DiskCache:
         self.method = method
         self.stats = CacheStats()
         self._lock = threading.Lock()
+        # Entries handed to put() and not yet written, in arrival order; guarded by _queue.
+        self._pending: dict[Path, tuple[dict[str, str], dict[str, torch.Tensor]]] = {}
+        self._pending_bytes = 0
+        self._queue = threading.Condition()
+        self._writer: threading.Thread | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -295,36 +414,90 @@ class DiskCache:
 
     # -- keys -------------------------------------------------------------------------------
 
-    def _meta(self, fingerprint: str, key: str, rank: int) -> dict[str, str]:
+    def _meta(self, fingerprint: str, key: str, rank: int, method: str | None = None) -> dict[str, str]:
         return {
             "format": _FORMAT,
             "fingerprint": str(fingerprint),
             "key": str(key),
             "rank": str(int(rank)),
-            "method": self.method,
+            "method": self.method if method is None else method,
             "storage_dtype": _STORAGE_DTYPES[self.storage_dtype],
         }
 
-    def path_for(self, fingerprint: str, key: str, rank: int) -> Path:
-        """The file that holds (or would hold) this entry."""
-        ident = json.dumps([str(fingerprint), str(key), int(rank), self.method, _STORAGE_DTYPES[self.storage_dtype]])
+    def path_for(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> Path:
+        """The file that holds (or would hold) this entry; ``method`` defaults to :attr:`method`."""
+        tag = self.method if method is None else method
+        ident = json.dumps([str(fingerprint), str(key), int(rank), tag, _STORAGE_DTYPES[self.storage_dtype]])
         return self.directory / (hashlib.sha256(ident.encode()).hexdigest()[:40] + _SUFFIX)
 
     # -- the protocol -----------------------------------------------------------------------
 
-    def get_or_compute(self, fingerprint: str, key: str, rank: int, compute: Callable[[], Subspace]) -> Subspace:
-        path = self.path_for(fingerprint, key, rank)
-        expected = self._meta(fingerprint, key, rank)
-        found = self._load(path, expected)
+    def get_or_compute(
+        self, fingerprint: str, key: str, rank: int, compute: Callable[[], Subspace], *, method: str | None = None
+    ) -> Subspace:
+        found = self.lookup(fingerprint, key, rank, method=method)
         if found is not None:
-            with self._lock:
-                self.stats.hits += 1
             return found
-        with self._lock:
-            self.stats.misses += 1
         sub = compute()
-        self._store(path, expected, sub)
+        self._store(
+            self.path_for(fingerprint, key, rank, method=method), self._meta(fingerprint, key, rank, method), sub
+        )
         return sub
+
+    def lookup(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> Subspace | None:
+        """The stored entry (float32, CPU; a queued one from memory), else ``None``; never computes.
+
+        A corrupt entry is deleted and reported as a miss, as in :meth:`get_or_compute`.
+        """
+        path = self.path_for(fingerprint, key, rank, method=method)
+        with self._queue:
+            queued = self._pending.get(path)
+        found = (
+            _subspace(queued[1]) if queued is not None else self._load(path, self._meta(fingerprint, key, rank, method))
+        )
+        with self._lock:
+            if found is not None:
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+        return found
+
+    def contains(self, fingerprint: str, key: str, rank: int, *, method: str | None = None) -> bool:
+        """Whether the entry is queued or its file exists (not read or verified; counts nothing)."""
+        path = self.path_for(fingerprint, key, rank, method=method)
+        with self._queue:
+            if path in self._pending:
+                return True
+        return path.is_file()
+
+    def put(self, fingerprint: str, key: str, rank: int, sub: Subspace, *, method: str | None = None) -> None:
+        """Store a precomputed subspace; the file is written by a background thread.
+
+        The tensors are copied to the CPU in the storage dtype before this returns (``sub`` may
+        be changed or freed afterwards). Blocks while more than ``_PENDING_BYTES`` are queued.
+        """
+        path = self.path_for(fingerprint, key, rank, method=method)
+        entry = (self._meta(fingerprint, key, rank, method), self._storage_tensors(sub, copy=True))
+        size = _tensor_bytes(entry[1])
+        with self._queue:
+            while self._pending and self._pending_bytes + size > _PENDING_BYTES:
+                self._queue.wait()
+            old = self._pending.pop(path, None)  # a newer value for a queued key replaces it
+            if old is not None:
+                self._pending_bytes -= _tensor_bytes(old[1])
+            self._pending[path] = entry
+            self._pending_bytes += size
+            if self._writer is None:
+                # Not a daemon: the interpreter waits for queued writes at exit. The thread ends
+                # as soon as the queue is empty, so an idle cache holds no thread.
+                self._writer = threading.Thread(target=self._drain, name="lorax-cache-writer")
+                self._writer.start()
+
+    def flush(self) -> None:
+        """Wait until every entry given to :meth:`put` is written (or its write failed and was logged)."""
+        with self._queue:
+            while self._pending:
+                self._queue.wait()
 
     def clear(self) -> None:
         """Delete every entry (and leftover temporary file) of this cache's directory.
@@ -390,14 +563,43 @@ class DiskCache:
 
     # -- writing ----------------------------------------------------------------------------
 
+    def _storage_tensors(self, sub: Subspace, *, copy: bool = False) -> dict[str, torch.Tensor]:
+        # copy=True for queued entries: .to() would otherwise return the caller's own tensor when
+        # it is already a contiguous CPU tensor of that dtype, and the caller may change it.
+        def convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return t.detach().to("cpu", dtype, copy=copy).contiguous()
+
+        return {
+            "U": convert(sub.U, self.storage_dtype),
+            "S": convert(sub.S, torch.float32),
+            "V": convert(sub.V, self.storage_dtype),
+        }
+
+    def _drain(self) -> None:
+        """The writer thread: write queued entries in order; exit when none is left."""
+        while True:
+            with self._queue:
+                if not self._pending:
+                    self._writer = None
+                    self._queue.notify_all()
+                    return
+                path, (meta, tensors) = next(iter(self._pending.items()))
+            try:
+                self._write(path, meta, tensors)
+            except Exception as exc:  # a write failure must never leave flush() waiting forever
+                log.warning("subspace cache: cannot write %s (%s); continuing without caching it", path, exc)
+            with self._queue:
+                if self._pending.get(path, (None, None))[1] is tensors:  # not replaced meanwhile
+                    del self._pending[path]
+                    self._pending_bytes -= _tensor_bytes(tensors)
+                self._queue.notify_all()
+
     def _store(self, path: Path, meta: dict[str, str], sub: Subspace) -> None:
+        self._write(path, meta, self._storage_tensors(sub))
+
+    def _write(self, path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
-        tensors = {
-            "U": sub.U.detach().to("cpu", self.storage_dtype).contiguous(),
-            "S": sub.S.detach().to("cpu", torch.float32).contiguous(),
-            "V": sub.V.detach().to("cpu", self.storage_dtype).contiguous(),
-        }
         meta = {**meta, "sha256": _digest(meta, tensors)}
         payload = save(tensors, metadata=meta)
         tmp_name: str | None = None
@@ -467,6 +669,21 @@ class DiskCache:
                     with self._lock:
                         self.stats.evicted += 1
                 total -= size
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _subspace(tensors: dict[str, torch.Tensor]) -> Subspace:
+    """A stored entry's tensors as a float32 :class:`Subspace` (fresh copies, as a decoded file gives)."""
+    from .linalg import Subspace
+
+    return Subspace(
+        U=tensors["U"].to(torch.float32, copy=True),
+        S=tensors["S"].clone(),
+        V=tensors["V"].to(torch.float32, copy=True),
+    )
 
 
 def _unlink_quietly(path: Path) -> bool:

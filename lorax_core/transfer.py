@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -375,6 +375,7 @@ def transfer_adapter(
     similarity: SimilarityTable | None = None,
     cache: SubspaceCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    provider: SubspaceProvider | None = None,
 ) -> TransferResult:
     """Transfer a whole adapter from the source base model to the target base model.
 
@@ -395,7 +396,11 @@ def transfer_adapter(
             target key is reused (its Φ and chance; the threshold comes from ``options``).
         cache: a subspace cache (``get_or_compute``); without one each base weight is
             decomposed once per call.
-        progress: ``progress(done, total)``, called once per layer (skipped ones included).
+        progress: ``progress(done, total)``, called once per layer (skipped ones included), and
+            with an unchanged ``done`` after each chunk of batched decompositions (a cancel
+            point: a host's callback may raise to stop the transfer).
+        provider: the subspace provider to use (default: one over ``cache`` on
+            ``options.device``, batched exactly on CUDA; see :class:`SubspaceProvider`).
 
     ``options.rank`` is the subspace rank for standard LoRA layers; a LoRA-X layer always uses
     its own core rank R (its ΔΣ lives in the source's top-R basis).
@@ -417,7 +422,7 @@ def transfer_adapter(
             choose_method(layer, options.method)
         except OptionError as error:
             raise OptionError(f"layer {names.get(key, key)}: {error}") from None
-    provider = SubspaceProvider(cache, options.device)
+    provider = provider or SubspaceProvider(cache, options.device)
     report = TransferReport(options=asdict(options))
     out: dict[str, LoraFactors] = {}
     total = len(layers) + len(skipped)
@@ -443,29 +448,100 @@ def transfer_adapter(
         record(entry, reason)
 
     matches = _resolve_targets(layers, source, target, options, provider)
-    for key, layer in layers.items():
-        display = names.get(key, key)
-        conv = key in matches and len(source.shape(key)) == 4
-        method = choose_method(layer, options.method, conv=conv)
-        entry = LayerReport(key=display, status="skipped", reason="", method=method, source_key=key)
-        try:
-            factors = _transfer_one(
-                key, layer, method, matches.get(key), source, target, options, provider, similarity, entry
-            )
-        except _Skip as skip:
-            entry.code, entry.reason = skip.reason.value, skip.text
-            record(entry, skip.detail)
-            continue
-        except NonFiniteError as exc:  # the projections or re-compression overflowed
-            entry.code, entry.reason = SkipReason.OVERFLOW.value, SkipReason.OVERFLOW.text
-            record(entry, str(exc))
-            continue
-        out[entry.target_key or key] = factors
-        record(entry)
+    try:
+        # On CUDA the provider decomposes in batches: make each chunk's subspaces ready at once,
+        # use them, and free them (the chunk bounds the device memory they take).
+        for chunk in _chunks(layers, matches, source, target, options, provider):
+            if chunk.requests:
+                provider.prefetch(source, chunk.requests["source"])
+                provider.prefetch(target, chunk.requests["target"])
+                if progress is not None:
+                    progress(done, total)  # a cancel point for hosts whose progress callback checks it
+            for key in chunk.keys:
+                layer = layers[key]
+                display = names.get(key, key)
+                conv = key in matches and len(source.shape(key)) == 4
+                method = choose_method(layer, options.method, conv=conv)
+                entry = LayerReport(key=display, status="skipped", reason="", method=method, source_key=key)
+                try:
+                    factors = _transfer_one(
+                        key, layer, method, matches.get(key), source, target, options, provider, similarity, entry
+                    )
+                except _Skip as skip:
+                    entry.code, entry.reason = skip.reason.value, skip.text
+                    record(entry, skip.detail)
+                    continue
+                except NonFiniteError as exc:  # the projections or re-compression overflowed
+                    entry.code, entry.reason = SkipReason.OVERFLOW.value, SkipReason.OVERFLOW.text
+                    record(entry, str(exc))
+                    continue
+                out[entry.target_key or key] = factors
+                record(entry)
+            provider.release()
+    finally:
+        provider.flush()  # cache files written in the background are complete when this returns
 
     if not report.transferred:
         _raise_nothing(report, options)
     return TransferResult(layers=out, report=report)
+
+
+#: Device memory the prefetched subspaces of one chunk of layers may take (batched mode):
+#: with the batch working set (``batched.DEFAULT_MAX_BATCH_BYTES``) well under the 2 GB a
+#: transfer may add beside the models ComfyUI holds.
+CHUNK_SUBSPACE_BYTES = 768 * 1024**2
+
+
+@dataclass
+class _Chunk:
+    """Layers transferred together; ``requests`` = the ``(key, rank)`` subspaces they need, per model."""
+
+    keys: list[str]
+    requests: dict[str, list[tuple[str, int]]]
+
+
+def _chunks(
+    layers: Mapping[str, AdapterLayer],
+    matches: Mapping[str, LayerMatch],
+    source: WeightSource,
+    target: WeightSource,
+    options: TransferOptions,
+    provider: SubspaceProvider,
+) -> Iterator[_Chunk]:
+    """The layers in order, cut into chunks whose subspaces fit :data:`CHUNK_SUBSPACE_BYTES`.
+
+    Without batched mode there is one chunk and nothing to prefetch. A layer's requests are the
+    source and target subspaces at the rank :func:`_transfer_one` will ask for; layers it will
+    skip before (or without) decomposing ask for nothing. ``align`` asks for a larger rank on its
+    own, through ``provider.get``.
+    """
+    if not provider.batched:
+        yield _Chunk(list(layers), {})
+        return
+    chunk, size = _Chunk([], {"source": [], "target": []}), 0
+    for key, layer in layers.items():
+        match = matches.get(key)
+        tkey = match.target_key if match is not None else None
+        gated = options.method != "copy" or isinstance(layer, LoraXFactors) or options.method == "auto"
+        shape = tuple(int(d) for d in source.shape(key)) if tkey is not None and gated else ()
+        if (
+            len(shape) in (2, 4)
+            and not shape_problem(layer, shape)
+            and flat_shape(target.shape(tkey)) == flat_shape(shape)
+        ):
+            m, n = flat_shape(shape)
+            R = layer.rank if isinstance(layer, LoraXFactors) else min(options.rank, m, n)
+            if R <= min(m, n):
+                need = 2 * 4 * (m + n + 1) * R  # source and target U, S, V in float32
+                if chunk.keys and size + need > CHUNK_SUBSPACE_BYTES:
+                    yield chunk
+                    chunk, size = _Chunk([], {"source": [], "target": []}), 0
+                chunk.requests["source"].append((key, R))
+                chunk.requests["target"].append((tkey, R))  # type: ignore[arg-type]
+                size += need
+        chunk.keys.append(key)
+    if chunk.keys:
+        yield chunk
 
 
 def _resolve_targets(
