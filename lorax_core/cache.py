@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -57,7 +56,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from .errors import CacheError, OptionError
+from .errors import CacheError, OptionError, OutputError
+from .formats.io import write_files
 from .linalg import SUBSPACE_VERSION
 
 if TYPE_CHECKING:
@@ -404,12 +404,12 @@ class DiskCache:
         except OSError as exc:
             raise CacheError(
                 f"subspace cache directory {str(self.root)!r} cannot be created ({exc.strerror or exc}); "
-                "choose another directory or disable the cache (--no-cache)."
+                f"choose another directory or {CacheError.FIX}."
             ) from None
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise CacheError(
                 f"subspace cache directory {str(self.directory)!r} is not writable; "
-                "fix its permissions, choose another directory, or disable the cache (--no-cache)."
+                f"fix its permissions, choose another directory, or {CacheError.FIX}."
             )
 
     # -- keys -------------------------------------------------------------------------------
@@ -602,20 +602,14 @@ class DiskCache:
 
         meta = {**meta, "sha256": _digest(meta, tensors)}
         payload = save(tensors, metadata=meta)
-        tmp_name: str | None = None
         try:
-            fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=_TMP_SUFFIX)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-            # No fsync: a file cut short by a crash fails its checksum and is recomputed.
-            Path(tmp_name).replace(path)
-            tmp_name = None
-        except OSError as exc:
+            # The package's one atomic writer (temporary file in the same folder, then a rename):
+            # readers see no file or a whole one. No fsync: a file cut short by a crash fails its
+            # checksum and is recomputed.
+            write_files([(path, payload)], overwrite=True, sync=False)
+        except OutputError as exc:
             log.warning("subspace cache: cannot write %s (%s); continuing without caching it", path, exc)
             return
-        finally:
-            if tmp_name is not None:
-                _unlink_quietly(Path(tmp_name))
         with self._lock:
             self.stats.writes += 1
         # Rescan after every write (a few ms for thousands of entries, against the seconds an SVD
@@ -727,7 +721,7 @@ def open_cache(
         storage_dtype: see :class:`DiskCache`.
 
     Raises:
-        CacheError: the directory is unusable (the message names it and suggests ``--no-cache``).
+        CacheError: the directory is unusable (the message names it and ends with ``CacheError.FIX``).
     """
     if not enabled:
         return NullCache()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import (
+    CacheError,
     FormatError,
     LoraxError,
     OptionError,
@@ -166,8 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = commands[args.command](args)
         except LoraxError as exc:
             message = " ".join(str(exc).split())
-            if isinstance(exc, OutputExistsError):  # the core names the option; we name the flag
+            # The core names the option; the command line names its flag.
+            if isinstance(exc, OutputExistsError):
                 message = message.replace(OutputExistsError.FIX, "pass --overwrite")
+            elif isinstance(exc, CacheError):
+                message = message.replace(CacheError.FIX, "pass --no-cache")
             print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
             status = 2
         # Flush here, not at interpreter exit, so that a closed pipe is caught below.

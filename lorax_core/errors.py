@@ -91,7 +91,13 @@ class OutputError(FormatError):
 
 
 class CacheError(LoraxError):
-    """The subspace cache directory is unusable (not writable, not a directory)."""
+    """The subspace cache directory is unusable (not writable, not a directory).
+
+    The core's message ends with :data:`FIX` (the option, not a flag or a widget); each front
+    end replaces it with its own wording (the CLI: ``pass --no-cache``).
+    """
+
+    FIX = "turn the subspace cache off"
 
 
 def with_context(error: LoraxError, context: str) -> LoraxError:

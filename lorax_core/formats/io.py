@@ -536,7 +536,7 @@ def _same_path(a: Path, b: Path) -> bool:
     return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
-def write_files(files: Sequence[tuple[Path, bytes]], *, overwrite: bool = False) -> None:
+def write_files(files: Sequence[tuple[Path, bytes]], *, overwrite: bool = False, sync: bool = True) -> None:
     """Publish several files atomically and together: all of them or none.
 
     Each file is written to a temporary file in its own folder (``.lorax-tmp-*.tmp``, created
@@ -549,6 +549,9 @@ def write_files(files: Sequence[tuple[Path, bytes]], *, overwrite: bool = False)
     costs the user the LoRA they had. Temporary files are removed on every failure; those a
     killed process left behind are removed by a later write into the same folder once they
     are an hour old.
+
+    ``sync=False`` skips the ``fsync``: for files whose loss in a crash costs nothing (the
+    subspace cache checksums its entries and recomputes a damaged one).
 
     Raises:
         OutputError: the operating system refused a write (the message names the file, the
@@ -569,7 +572,8 @@ def write_files(files: Sequence[tuple[Path, bytes]], *, overwrite: bool = False)
             fd = _create(tmp)
             try:
                 _write_all(fd, data)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         for (path, _), tmp in zip(files, temps, strict=True):

@@ -97,3 +97,14 @@ def test_file_as_cache_dir_raises_option_error_in_process(tmp_path):
 def test_unknown_action_is_a_usage_error(tmp_path):
     proc = run_cli("cache", "purge", cwd=tmp_path)
     assert proc.returncode == 2 and "invalid choice: 'purge'" in proc.stderr
+
+
+def test_unusable_cache_folder_names_the_flag(files, tmp_path, capsys):
+    # The core's CacheError speaks of the option ("turn the subspace cache off"); the CLI names its flag.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder's parent should be")
+    argv = ["similarity", "--source", str(files.source), "--target", str(files.target), "--cache-dir", str(blocker / "c")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.match(r"lorax_core similarity: error: subspace cache directory '.*c' cannot be created \(", err)
+    assert err.rstrip().endswith("choose another directory or pass --no-cache.")

@@ -274,7 +274,7 @@ def test_entry_for_another_key_is_not_trusted(tmp_path: Path) -> None:
 def test_unusable_directory_raises_cache_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(CacheError, match=r"subspace cache directory '.*file' cannot be created .*--no-cache"):
+    with pytest.raises(CacheError, match=r"subspace cache directory '.*file' cannot be created .*turn the subspace cache off\."):
         DiskCache(blocker)
 
 
