@@ -197,7 +197,8 @@ def _nbytes(sub: Subspace) -> int:
 class MemoryCache:
     """A bounded least-recently-used cache in process memory, optionally backed by another cache.
 
-    Entries are kept as returned (same device and dtype). With ``backing`` set, a miss here
+    Entries are kept in their dtype on the CPU (a GPU run's entries leave device memory free).
+    With ``backing`` set, a miss here
     asks the backing cache (e.g. a :class:`DiskCache`), which computes only if it misses too.
 
     Args:
@@ -261,7 +262,7 @@ class MemoryCache:
         )
 
     def put(self, fingerprint: str, key: str, rank: int, sub: Subspace, *, method: str | None = None) -> None:
-        """Keep ``sub`` (as given: same device and dtype) and hand it to a writable backing cache."""
+        """Keep ``sub`` (its dtype, on the CPU) and hand it to a writable backing cache."""
         self._insert((fingerprint, key, int(rank), method), sub)
         if isinstance(self.backing, WritableSubspaceCache):
             self.backing.put(fingerprint, key, rank, sub, method=method)
@@ -285,6 +286,9 @@ class MemoryCache:
         size = _nbytes(sub)
         if size > self.max_bytes:
             return
+        # Held on the CPU: on a GPU host the device memory stays free for the models (ComfyUI's),
+        # and callers move a hit to their device anyway (SubspaceProvider.get).
+        sub = sub.to("cpu")
         with self._lock:
             if ident not in self._entries:
                 self._entries[ident] = sub

@@ -71,8 +71,11 @@ class Subspace:
         return Subspace(U=self.U[:, :k], S=self.S[:k], V=self.V[:, :k])
 
     def to(self, device: torch.device | str) -> Subspace:
-        """The same subspace on ``device`` (no copy when it is already there)."""
-        return Subspace(U=self.U.to(device), S=self.S.to(device), V=self.V.to(device))
+        """The same subspace on ``device`` (``self`` when it is already there)."""
+        target = torch.device(device)
+        if all(t.device == target for t in (self.U, self.S, self.V)):
+            return self
+        return Subspace(U=self.U.to(target), S=self.S.to(target), V=self.V.to(target))
 
 
 def flatten_weight(w: torch.Tensor) -> torch.Tensor:
