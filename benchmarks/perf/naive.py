@@ -71,6 +71,7 @@ def naive_transfer(
     threshold: float = 0.5,
     keys: set[str] | None = None,
     sink: Callable[[str, str, torch.Tensor | None, Bases], None] | None = None,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Transfer every layer of a kohya LoRA naively; hand each result to ``sink`` (untimed).
 
@@ -81,6 +82,8 @@ def naive_transfer(
         keys: only these model tensor names (a documented subset), or all the LoRA's layers.
         sink: ``sink(model key, layer name, ΔW_t or None if skipped, bases)``; its time is
             excluded from the reported seconds.
+        device: where the files are loaded (``load_file(..., device=)``) and everything runs, as
+            a naive GPU script would do it.
 
     Returns:
         ``{"seconds": time excluding the sink, "layers": n, "skipped": n}``.
@@ -89,9 +92,9 @@ def naive_transfer(
 
     start = time.perf_counter()
     excluded = 0.0
-    src = load_file(str(source))
-    tgt = load_file(str(target))
-    lora = load_file(str(lora_path))
+    src = load_file(str(source), device=device)
+    tgt = load_file(str(target), device=device)
+    lora = load_file(str(lora_path), device=device)
     index = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): k for k in src if k.endswith(".weight")}
     names = sorted({k.split(".", 1)[0] for k in lora})
     done = skipped = 0
