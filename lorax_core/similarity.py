@@ -19,10 +19,10 @@ rules turn Φ into a decision (all measured; numbers in ``docs/CORE.md``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -31,6 +31,8 @@ from .cache import NullCache, WritableSubspaceCache
 from .errors import NonFiniteError, OptionError, RankError
 from .linalg import Subspace, top_subspace
 from .types import WeightSource, flat_shape
+
+_Item = TypeVar("_Item")
 
 if TYPE_CHECKING:
     from .cache import SubspaceCache
@@ -425,48 +427,78 @@ def compute_similarity(
     subspaces = provider or SubspaceProvider(cache, device)
     table = SimilarityTable()
     done = 0
+
+    def request(pair: tuple[str, str]) -> tuple[str, str, int] | None:
+        shape = flat_shape(source.shape(pair[0]))
+        return (*pair, min(rank, *shape)) if flat_shape(target.shape(pair[1])) == shape else None
+
     try:
-        for chunk in _pair_chunks(source, target, pairs, rank) if subspaces.batched else [pairs]:
-            # Batched mode (CUDA): the chunk's subspaces at once, freed after use.
-            if subspaces.batched:
-                shapes = [(s, t, flat_shape(source.shape(s))) for s, t in chunk]
-                same = [(s, t, min(rank, *shape)) for s, t, shape in shapes if flat_shape(target.shape(t)) == shape]
-                subspaces.prefetch(source, [(s, r) for s, _, r in same])
-                subspaces.prefetch(target, [(t, r) for _, t, r in same])
+        for chunk in prefetched_chunks(subspaces, source, target, pairs, request):
             for skey, tkey in chunk:
                 table.entries.append(_pair_similarity(source, target, skey, tkey, rank, threshold, subspaces))
                 done += 1
                 if progress is not None:
                     progress(done, len(pairs))
-            subspaces.release()
     finally:
         subspaces.flush()
     return table
 
 
-#: Device memory the prefetched subspaces of one chunk of pairs may take (batched mode).
-PAIR_CHUNK_BYTES = 768 * 1024**2
+#: Device memory the prefetched subspaces of one chunk may take (batched mode): with the batch
+#: working set (``batched.DEFAULT_MAX_BATCH_BYTES``) well under the 2 GB a transfer may add
+#: beside the models ComfyUI holds.
+CHUNK_SUBSPACE_BYTES = 768 * 1024**2
 
 
-def _pair_chunks(
-    source: WeightSource, target: WeightSource, pairs: list[tuple[str, str]], rank: int
-) -> Iterator[list[tuple[str, str]]]:
-    """Same-width ``pairs`` cut into chunks whose float32 subspaces fit :data:`PAIR_CHUNK_BYTES`.
+def prefetched_chunks(
+    provider: SubspaceProvider,
+    source: WeightSource,
+    target: WeightSource,
+    items: Sequence[_Item],
+    request: Callable[[_Item], tuple[str, str, int] | None],
+) -> Iterator[list[_Item]]:
+    """``items`` in order and in chunks, each chunk's subspaces made ready before it is yielded.
 
-    Pairs of different widths (never decomposed) ride along with the chunk they fall in.
+    Without batched mode: one chunk, nothing prefetched (``request`` is never called). In
+    batched mode ``request(item)`` names the ``(source key, target key, rank)`` subspaces an
+    item will ask ``provider.get`` for (``None``: none); chunks are cut so their float32
+    subspaces fit :data:`CHUNK_SUBSPACE_BYTES`, each is prefetched from both models before it
+    is yielded and released when the caller moves on, which bounds the device memory.
     """
-    chunk: list[tuple[str, str]] = []
+    if not provider.batched:
+        yield list(items)
+        return
+    chunk: list[tuple[_Item, tuple[str, str, int] | None]] = []
     size = 0
-    for skey, tkey in pairs:
-        sshape, tshape = flat_shape(source.shape(skey)), flat_shape(target.shape(tkey))
-        need = 2 * 4 * (sum(sshape) + 1) * min(rank, *sshape) if sshape == tshape else 0
-        if chunk and size + need > PAIR_CHUNK_BYTES:
-            yield chunk
+    for item in items:
+        wanted = request(item)
+        need = 0
+        if wanted is not None:
+            m, n = flat_shape(source.shape(wanted[0]))
+            need = 2 * 4 * (m + n + 1) * wanted[2]  # source and target U, S, V in float32
+        if chunk and size + need > CHUNK_SUBSPACE_BYTES:
+            yield from _prefetched(provider, source, target, chunk)
             chunk, size = [], 0
-        chunk.append((skey, tkey))
+        chunk.append((item, wanted))
         size += need
     if chunk:
-        yield chunk
+        yield from _prefetched(provider, source, target, chunk)
+
+
+def _prefetched(
+    provider: SubspaceProvider,
+    source: WeightSource,
+    target: WeightSource,
+    chunk: list[tuple[_Item, tuple[str, str, int] | None]],
+) -> Iterator[list[_Item]]:
+    """One chunk of :func:`prefetched_chunks`: prefetch, yield, release."""
+    wanted = [w for _, w in chunk if w is not None]
+    provider.prefetch(source, [(skey, rank) for skey, _, rank in wanted])
+    provider.prefetch(target, [(tkey, rank) for _, tkey, rank in wanted])
+    try:
+        yield [item for item, _ in chunk]
+    finally:
+        provider.release()
 
 
 def _pair_similarity(

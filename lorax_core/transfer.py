@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,7 @@ from .similarity import (
     SimilarityTable,
     SubspaceProvider,
     layer_similarity,
+    prefetched_chunks,
     similarity_rank,
     threshold_for,
 )
@@ -448,16 +449,18 @@ def transfer_adapter(
         record(entry, reason)
 
     matches = _resolve_targets(layers, source, target, options, provider)
+    keys = list(layers)
+
+    def request(key: str) -> tuple[str, str, int] | None:
+        return _subspace_request(key, layers[key], matches.get(key), source, target, options)
+
     try:
-        # On CUDA the provider decomposes in batches: make each chunk's subspaces ready at once,
-        # use them, and free them (the chunk bounds the device memory they take).
-        for chunk in _chunks(layers, matches, source, target, options, provider):
-            if chunk.requests:
-                provider.prefetch(source, chunk.requests["source"])
-                provider.prefetch(target, chunk.requests["target"])
-                if progress is not None:
-                    progress(done, total)  # a cancel point for hosts whose progress callback checks it
-            for key in chunk.keys:
+        # On CUDA the provider decomposes in batches: each chunk's subspaces are made ready at
+        # once and freed after use (prefetched_chunks).
+        for chunk in prefetched_chunks(provider, source, target, keys, request):
+            if provider.batched and progress is not None:
+                progress(done, total)  # a cancel point for hosts whose progress callback checks it
+            for key in chunk:
                 layer = layers[key]
                 display = names.get(key, key)
                 conv = key in matches and len(source.shape(key)) == 4
@@ -477,7 +480,6 @@ def transfer_adapter(
                     continue
                 out[entry.target_key or key] = factors
                 record(entry)
-            provider.release()
     finally:
         provider.flush()  # cache files written in the background are complete when this returns
 
@@ -486,62 +488,37 @@ def transfer_adapter(
     return TransferResult(layers=out, report=report)
 
 
-#: Device memory the prefetched subspaces of one chunk of layers may take (batched mode):
-#: with the batch working set (``batched.DEFAULT_MAX_BATCH_BYTES``) well under the 2 GB a
-#: transfer may add beside the models ComfyUI holds.
-CHUNK_SUBSPACE_BYTES = 768 * 1024**2
+def _gated(layer: AdapterLayer, options: TransferOptions) -> bool:
+    """Whether the layer is decomposed and similarity-tested: every method but ``copy`` asked for by
+    name on a standard LoRA (what loading the LoRA directly does); ``copy`` chosen by ``auto`` is gated."""
+    return options.method != "copy" or isinstance(layer, LoraXFactors)
 
 
-@dataclass
-class _Chunk:
-    """Layers transferred together; ``requests`` = the ``(key, rank)`` subspaces they need, per model."""
-
-    keys: list[str]
-    requests: dict[str, list[tuple[str, int]]]
+def _subspace_rank(layer: AdapterLayer, options: TransferOptions, m: int, n: int) -> int:
+    """R for a layer: a LoRA-X layer's own core rank (its ΔΣ lives in that basis), else ``options.rank``
+    clipped to the ``(m, n)`` weight."""
+    return layer.rank if isinstance(layer, LoraXFactors) else min(options.rank, m, n)
 
 
-def _chunks(
-    layers: Mapping[str, AdapterLayer],
-    matches: Mapping[str, LayerMatch],
+def _subspace_request(
+    key: str,
+    layer: AdapterLayer,
+    match: LayerMatch | None,
     source: WeightSource,
     target: WeightSource,
     options: TransferOptions,
-    provider: SubspaceProvider,
-) -> Iterator[_Chunk]:
-    """The layers in order, cut into chunks whose subspaces fit :data:`CHUNK_SUBSPACE_BYTES`.
-
-    Without batched mode there is one chunk and nothing to prefetch. A layer's requests are the
-    source and target subspaces at the rank :func:`_transfer_one` will ask for; layers it will
-    skip before (or without) decomposing ask for nothing. ``align`` asks for a larger rank on its
-    own, through ``provider.get``.
-    """
-    if not provider.batched:
-        yield _Chunk(list(layers), {})
-        return
-    chunk, size = _Chunk([], {"source": [], "target": []}), 0
-    for key, layer in layers.items():
-        match = matches.get(key)
-        tkey = match.target_key if match is not None else None
-        gated = options.method != "copy" or isinstance(layer, LoraXFactors) or options.method == "auto"
-        shape = tuple(int(d) for d in source.shape(key)) if tkey is not None and gated else ()
-        if (
-            len(shape) in (2, 4)
-            and not shape_problem(layer, shape)
-            and flat_shape(target.shape(tkey)) == flat_shape(shape)
-        ):
-            m, n = flat_shape(shape)
-            R = layer.rank if isinstance(layer, LoraXFactors) else min(options.rank, m, n)
-            if R <= min(m, n):
-                need = 2 * 4 * (m + n + 1) * R  # source and target U, S, V in float32
-                if chunk.keys and size + need > CHUNK_SUBSPACE_BYTES:
-                    yield chunk
-                    chunk, size = _Chunk([], {"source": [], "target": []}), 0
-                chunk.requests["source"].append((key, R))
-                chunk.requests["target"].append((tkey, R))  # type: ignore[arg-type]
-                size += need
-        chunk.keys.append(key)
-    if chunk.keys:
-        yield chunk
+) -> tuple[str, str, int] | None:
+    """The ``(source key, target key, R)`` subspaces :func:`_transfer_one` will ask for, or ``None``
+    for a layer it skips before (or without) decomposing. ``align`` asks for a larger rank on its own."""
+    tkey = match.target_key if match is not None else None
+    if tkey is None or not _gated(layer, options):
+        return None
+    shape = tuple(int(d) for d in source.shape(key))
+    if len(shape) not in (2, 4) or shape_problem(layer, shape) or flat_shape(target.shape(tkey)) != flat_shape(shape):
+        return None
+    m, n = flat_shape(shape)
+    R = _subspace_rank(layer, options, m, n)
+    return (key, tkey, R) if R <= min(m, n) else None
 
 
 def _resolve_targets(
@@ -612,14 +589,14 @@ def _transfer_one(
 
     if isinstance(layer, LoraXFactors) and layer.rank > min(m, n):
         raise _Skip(SkipReason.LORAX_RANK, f"core rank {layer.rank} > min({m}, {n})")
-    R = layer.rank if isinstance(layer, LoraXFactors) else min(options.rank, m, n)
+    R = _subspace_rank(layer, options, m, n)
     notes: list[str] = []
     if match.by == "similarity":
         notes.append(f"paired by similarity with {tkey}")
 
     # copy asked for by name skips the similarity test (it is what loading the LoRA directly
     # does); every other method, and copy chosen by auto, is gated on it.
-    if method != "copy" or isinstance(layer, LoraXFactors) or options.method == "auto":
+    if _gated(layer, options):
         try:
             src = provider.get(source, key, R)
             tgt = provider.get(target, tkey, R)

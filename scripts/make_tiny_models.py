@@ -34,8 +34,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -270,14 +272,21 @@ def make_tiny_models(root: Path = DEFAULT_OUT, seed: int = 0) -> TinyModels:
     return models
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+def run_maker(
+    make: Callable[[Path, int], Any], what: str, description: str, default_out: Path, argv: list[str] | None
+) -> int:
+    """The command line of a tiny-model builder: ``--out FOLDER --seed N``, then ``make(out, seed)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out, help=f"output folder (default {default_out})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
-    models = make_tiny_models(args.out.resolve(), args.seed)
-    print(f"tiny models in {models.root}")
+    models = make(args.out.resolve(), args.seed)
+    print(f"{what} in {models.root}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_maker(make_tiny_models, "tiny models", __doc__.split("\n\n")[0], DEFAULT_OUT, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from scripts.make_tiny_models import (  # after the sys.path line: run as a scri
     _half,
     _import_comfy,
     _kohya_layer,
+    run_maker,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,13 +233,7 @@ def make_unet_families(root: Path = DEFAULT_OUT, seed: int = 0) -> UnetFamilies:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    args = parser.parse_args(argv)
-    models = make_unet_families(args.out.resolve(), args.seed)
-    print(f"tiny UNet families in {models.root}")
-    return 0
+    return run_maker(make_unet_families, "tiny UNet families", __doc__.split("\n\n")[0], DEFAULT_OUT, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lorax_core.transfer as transfer_module
+import lorax_core.similarity as similarity_module
 from lorax_core.cache import DiskCache
 from lorax_core.similarity import SubspaceProvider, compute_similarity
 from lorax_core.transfer import transfer_adapter
@@ -89,7 +89,7 @@ def test_batched_transfer_makes_the_same_decisions_and_updates(tmp_path: Path) -
 def test_chunks_give_the_same_result_and_are_cancel_points(monkeypatch: pytest.MonkeyPatch) -> None:
     source, target, lora = _models()
     whole = transfer_adapter(lora, source, target, OPTIONS, provider=SubspaceProvider(None, "cpu", batched=True))
-    monkeypatch.setattr(transfer_module, "CHUNK_SUBSPACE_BYTES", 1)  # one layer per chunk
+    monkeypatch.setattr(similarity_module, "CHUNK_SUBSPACE_BYTES", 1)  # one layer per chunk
     calls: list[tuple[int, int]] = []
     chunked = transfer_adapter(
         lora,
