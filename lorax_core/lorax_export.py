@@ -1,7 +1,7 @@
 """LoRA-X files beyond their cores: export to a standard LoRA, and the record of their source bases.
 
 A LoRA-X layer is ``ΔW = U_R · core · V_Rᵀ`` in the top-R singular bases of its *source* weight
-(arXiv 2501.16559, Eq. 1; METHOD.md §2, §11a); the file stores only the core and the shape.
+(arXiv 2501.16559, §4.1, Eq. 1); the file stores only the core and the shape.
 
 * Export: the same ΔW as a standard LoRA, ``up = U_R·core`` and ``down = V_Rᵀ`` (rank R, exact;
   :func:`lorax_to_standard`), optionally re-compressed to a smaller rank with the relative
@@ -167,7 +167,7 @@ def check_lorax_source(
     fingerprint = metadata.get("lorax.source_fingerprint", "unknown")
     fix = (
         f"connect the source model the LoRA-X adapter was trained on (fingerprint {fingerprint}): a LoRA-X file "
-        "stores only ΔΣ, whose meaning is the source weight's singular bases (METHOD.md §11a)."
+        "stores only ΔΣ, whose meaning is the source weight's singular bases (LoRA-X, arXiv 2501.16559, §4.1)."
     )
     worst = 0.0
     for key, (rank, directions, proj) in entries.items():

@@ -49,7 +49,7 @@ class _LoraXBase(nn.Module):
         self.register_buffer("V", sub.V.to(device))  # (in·kh·kw, R), frozen
         R = sub.rank
         shape = (R, R) if full_core else (R,)
-        # Zero init: the wrapped layer starts out identical to the base layer (METHOD.md §11a).
+        # Zero init: the wrapped layer starts out identical to the base layer (LoRA-X, arXiv 2501.16559, §4.1: ΔΣ starts at 0).
         self.core = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
 
     @property

@@ -6,7 +6,7 @@ of 70 attention layers, ProLoRA arXiv 2506.04244), so the surviving target layer
 found: among target layers of the same *kind* (``attn1.to_q`` with ``attn1.to_q``,
 ``ff.net.2`` with ``ff.net.2``…) and the same shape, pick the one-to-one assignment that
 maximises the total similarity Φ (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``;
-LoRA-X §4.2.3 matches modules by Eq. 4, METHOD.md §5 "practical recipe").
+LoRA-X, arXiv 2501.16559, §4.2.3 matches modules by Eq. 4).
 Whether a matched pair is similar *enough* is decided later by the transfer, against the
 threshold; matching only proposes partners and says why a layer has none.
 

@@ -4,7 +4,7 @@ Why: a training-free transfer maps the adapter's *weights*; a fine-tuned target 
 something else with them, and no map of the weights can know what (QUALITY.md: on fine-tuned
 toy targets every training-free method ends where ``copy`` ends). The two models know: the
 source model with its LoRA shows what the LoRA *does*, the target shows what the new base
-does. Trans-LoRA (Wang et al., NeurIPS 2024, arXiv 2405.17258, METHOD.md §9.3) transfers LLM
+does. Trans-LoRA (Wang et al., NeurIPS 2024, arXiv 2405.17258) transfers LLM
 adapters by distilling the source model + adapter into a target adapter on synthetic data the
 models generate themselves. This module does the same for diffusion denoisers, with no
 training images: the inputs are the models' own generations, re-noised at random timesteps,

@@ -8,7 +8,7 @@ rows each one patches with an entry ``(model key, (dim, offset, size))``; ComfyU
 the update to ``weight.narrow(dim, offset, size)`` (``comfy.lora.calculate_weight``).
 
 A slice is transferred as an ordinary ``(size, in)`` layer in its own singular subspaces (the
-subspaces of the slice, not of the fused weight: METHOD.md's per-layer maths applies to the
+subspaces of the slice, not of the fused weight: the per-layer maths of LoRA-X, arXiv 2501.16559, §4, applies to the
 matrix the update is added to) and written back under the LoRA's own layer name.
 
 Representation: a :class:`WeightSlice`, spelled in the model-key namespace as the canonical

@@ -3,7 +3,7 @@
 All maths is in factored form: a LoRA update ``ΔW = up @ down`` is moved by multiplying ``up``
 by an ``(m, m)`` operator and ``down`` by an ``(n, n)`` operator that are themselves applied
 through their top-R bases (``P(U, X) = U (Uᵀ X)``), so no ``(m, n)`` or ``(m, m)`` matrix is
-ever built. Notation (METHOD.md §10): ``P_s = U_s U_sᵀ`` and ``Q_s = I − P_s`` on the output
+ever built. Notation (ProLoRA, arXiv 2506.04244, written with factored projectors): ``P_s = U_s U_sᵀ`` and ``Q_s = I − P_s`` on the output
 side, ``P'_s = V_s V_sᵀ`` and ``Q'_s`` on the input side, likewise ``P_t``… for the target.
 
 Methods for a standard LoRA (``ΔW = scale · up @ down``; the scale is folded into ``up``):
@@ -187,7 +187,7 @@ def transfer_lora_layer(f: LoraFactors, src: Subspace, tgt: Subspace, method: st
         return LoraFactors(up=up.clone(), down=down.clone())
     if method == "project":
         return LoraFactors(up=_P(tgt.U, up), down=_Pr(down, tgt.V))
-    # Split ΔW's factors into the source subspace and its complement (METHOD.md §11c).
+    # Split ΔW's factors into the source subspace and its complement (ProLoRA, arXiv 2506.04244: the dominant/complement split).
     up_par = _P(src.U, up)
     up_perp = up - up_par
     down_par = _Pr(down, src.V)
@@ -237,7 +237,7 @@ def transfer_lorax_layer(f: LoraXFactors, src: Subspace, tgt: Subspace) -> LoraF
     """Move one LoRA-X layer with LoRA-X Eq. 3: ``up = U_t (U_tᵀ U_s core V_sᵀ V_t)``, ``down = V_tᵀ``.
 
     Both bases are truncated to the core's rank R. When R covers a whole side (R ≥ out or
-    R ≥ in) that side's projection is the identity; with R ≥ both it is a copy of ΔW (METHOD.md §3).
+    R ≥ in) that side's projection is the identity; with R ≥ both it is a copy of ΔW (LoRA-X, arXiv 2501.16559, Eq. 3).
 
     Args:
         f: the LoRA-X layer; src, tgt: subspaces with at least R directions, same shape.
@@ -258,7 +258,7 @@ def transfer_lorax_layer(f: LoraXFactors, src: Subspace, tgt: Subspace) -> LoraF
     if src.shape != tgt.shape:
         raise ShapeMismatchError(
             f"LoRA-X transfer needs equal shapes; source {src.shape} vs target {tgt.shape}. "
-            "Cross-width transfer degenerates to copying ΔΣ (METHOD.md §5) and is not offered."
+            "Cross-width transfer degenerates to copying ΔΣ (LoRA-X, arXiv 2501.16559, §4.2.2: the projected bases equal the target's) and is not offered."
         )
     source = lorax_to_lora(f, src)
     t = tgt.truncate(R).to(source.up.device)

@@ -3,7 +3,7 @@
 ``python -m lorax_core ... --comfyui PATH`` runs this file as a separate program with the same
 Python (``python nodes/_comfy_keymap.py --comfyui ROOT --model FILE [--lora FILE]``) and reads one
 JSON answer from its standard output, so the ``lorax_core`` process never imports ComfyUI or this
-package (STYLE.md rule 1; ``tests/unit/test_import_boundary.py``).
+package (the core stays host-free; ``tests/unit/test_import_boundary.py``).
 
 It derives ComfyUI's LoRA key map for a model from the model file's *header*: ComfyUI detects the
 family from names, shapes and a few small tensors, then builds the model (and, for a full

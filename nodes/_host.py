@@ -1,6 +1,6 @@
 """All ComfyUI glue of the pack: the only module that imports ``comfy``, ``folder_paths``.
 
-What lives here (COMFYUI.md §2, §7 "reuse; do not rewrite"):
+What lives here (ComfyUI's own machinery, reused rather than rewritten):
 
 * model weights out of a ``ModelPatcher`` as a lazy :class:`~lorax_core.types.WeightSource`
   (:class:`PatcherWeights`: ``get_key_patches`` + ``convert_fn``, float32, one tensor at a time);

@@ -1,7 +1,7 @@
 """ComfyUI glue of Refine Transferred LoRA: the models, samplers and adapters ``lorax_core.refine`` runs on.
 
 The core (``lorax_core.refine``) works on abstract denoisers; this module builds them from
-ComfyUI's own machinery (COMFYUI.md §7 "reuse; do not rewrite"):
+ComfyUI's own machinery (reused, not rewritten):
 
 * the teacher is the source ``MODEL`` + the source LoRA, patched by ComfyUI's loader
   (``_host.apply_lora``: ``comfy.lora.load_lora`` → ``clone()`` + ``add_patches``);

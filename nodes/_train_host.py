@@ -4,7 +4,7 @@ ComfyUI's Train LoRA (``comfy_extras.nodes_train``) trains LoRA/LoHa/LoKr/OFT as
 wrappers (``WeightAdapterTrainBase``: a module called on the weight) with its ``TrainSampler``
 (noise, timesteps, loss, optimizer step, progress bar) inside ``Guider_Basic``. This module adds
 LoRA-X as such an adapter (:class:`LoraXDiff`, around ``lorax_core.lorax_module.LoraXDelta``) and
-runs that same machinery (COMFYUI.md §7 "reuse; do not rewrite"):
+runs that same machinery (reused, not rewritten):
 
 * the bases ``U_R``/``V_R`` come from the transfer's subspace code and cache
   (``SubspaceProvider`` over ``_host.PatcherWeights`` and ``_host.subspace_cache``), float32 and

@@ -5,7 +5,7 @@ No real weights can be downloaded in CI, so the tests and the demo run on models
 * a one-level UNet (``model_channels`` 320, ``context_dim`` 768, one res block; 25.8 M
   parameters) built with ComfyUI's own ``UNetModel`` on the ``meta`` device, so the key names
   and shapes are exactly what ComfyUI expects and ``supported_models.SD15`` claims it
-  (COMFYUI.md §5.2.6);
+  (``comfy/model_detection.py`` ``detect_unet_config``);
 * a full-size random CLIP-L text encoder (123 M parameters; ComfyUI's SD1 text encoder has a
   fixed config, so it cannot be shrunk) and a TAESD-shaped VAE (2.4 M parameters), so that a
   full checkpoint loads with ``CheckpointLoaderSimple`` and can sample an image;

@@ -4,7 +4,7 @@ Most real SD1.5/SDXL kohya LoRAs name layers after the diffusers UNet
 (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``), a layout only
 ComfyUI's per-family tables translate (docs/FORMATS.md, "Resolving layer names"). These tests
 run the real ComfyUI (``LORAX_COMFYUI``, default ``.comfyui``; never skipped) on a tiny model
-it detects as SD15 (COMFYUI.md §5.2: one level, one res block, ``model_channels`` 320,
+it detects as SD15 (``comfy/model_detection.py``: one level, one res block, ``model_channels`` 320,
 ``context_dim`` 768, ``use_linear_in_transformer`` False).
 
 The LoRA's names come from ComfyUI's ``model_lora_keys_unet`` on a model built here from the
@@ -38,7 +38,7 @@ from lorax_core.formats.resolve import NEEDS_COMFYUI
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 COMFYUI = Path(os.environ.get("LORAX_COMFYUI", ROOT / ".comfyui")).resolve()
-# The tiny SD15 UNet (COMFYUI.md §5.2): what ComfyUI's detect_unet_config derives from its keys.
+# The tiny SD15 UNet (``comfy/model_detection.py``): what ComfyUI's detect_unet_config derives from its keys.
 UNET_CONFIG: dict[str, object] = {
     "image_size": 32, "in_channels": 4, "model_channels": 320, "out_channels": 4, "num_res_blocks": [1],
     "channel_mult": [1], "use_spatial_transformer": True, "transformer_depth": [1],

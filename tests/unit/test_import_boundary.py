@@ -1,4 +1,4 @@
-"""lorax_core is host-free: importing it must not load ComfyUI or its globals (STYLE.md rule 1)."""
+"""lorax_core is host-free: importing it must not load ComfyUI or its globals (the project's first architecture rule, docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
