@@ -26,7 +26,6 @@ from .matching import LayerMatch, layer_kind, match_layers
 from .similarity import (
     LayerSimilarity,
     SimilarityTable,
-    SubspaceProvider,
     chance_level,
     compute_similarity,
     layer_similarity,
@@ -34,6 +33,7 @@ from .similarity import (
     similarity_rank,
     threshold_for,
 )
+from .subspaces import SubspaceProvider
 from .transfer import choose_method, lorax_to_lora, transfer_adapter, transfer_lora_layer, transfer_lorax_layer
 from .types import (
     METHODS,

@@ -27,7 +27,7 @@ import torch
 
 from .errors import FormatError, IncompatibleBaseError, RankError
 from .linalg import SUBSPACE_VERSION, Subspace, recompress
-from .similarity import SubspaceProvider
+from .subspaces import SubspaceProvider
 from .transfer import lorax_to_lora, restore_layout
 from .types import AdapterLayer, LoraFactors, LoraXFactors, WeightSource, flat_shape
 

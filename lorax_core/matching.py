@@ -31,7 +31,8 @@ from typing import Literal
 import numpy as np
 
 from .errors import NonFiniteError, OptionError
-from .similarity import LayerSimilarity, SubspaceProvider, layer_similarity, similarity_rank
+from .similarity import LayerSimilarity, layer_similarity, similarity_rank
+from .subspaces import SubspaceProvider
 from .types import WeightSource, flat_shape
 
 __all__ = ["LayerMatch", "depth_mismatches", "layer_kind", "match_layers"]

@@ -167,7 +167,7 @@ def check_source_bases(lora: LoraFile, plan: TransferPlan, source: WeightSource,
         FormatError: the file's basis record is damaged.
     """
     from .lorax_export import check_lorax_source
-    from .similarity import SubspaceProvider
+    from .subspaces import SubspaceProvider
 
     return check_lorax_source(lora.metadata, plan.layers, source, SubspaceProvider(cache, device))
 

@@ -51,12 +51,11 @@ from .matching import LayerMatch, match_layers
 from .similarity import (
     LayerSimilarity,
     SimilarityTable,
-    SubspaceProvider,
     layer_similarity,
-    prefetched_chunks,
     similarity_rank,
     threshold_for,
 )
+from .subspaces import SubspaceProvider, prefetched_chunks
 from .types import (
     METHODS,
     AdapterLayer,

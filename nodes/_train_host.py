@@ -37,7 +37,7 @@ from ..lorax_core.formats.resolve import layer_name_for
 from ..lorax_core.linalg import Subspace
 from ..lorax_core.lorax_export import basis_record, lorax_to_standard
 from ..lorax_core.lorax_module import LoraXDelta
-from ..lorax_core.similarity import SubspaceProvider
+from ..lorax_core.subspaces import SubspaceProvider
 from ..lorax_core.types import LoraFactors, LoraXFactors, flat_shape
 from . import _host
 from ._refine_host import copy_other_weights, fit_latent, trainable

@@ -7,7 +7,7 @@ It makes the public calls ``python -m lorax_core transfer`` makes (``lorax_core/
 ``check_source_bases``, ``transfer_adapter``, ``output_names``, ``write_lora``, after creating the
 CUDA context (as a ComfyUI process has it). The stages come from timing subclasses of the cache
 (:class:`~lorax_core.cache.DiskCache`) and of the subspace provider
-(:class:`~lorax_core.similarity.SubspaceProvider`, handed to ``transfer_adapter``) and from
+(:class:`~lorax_core.subspaces.SubspaceProvider`, handed to ``transfer_adapter``) and from
 :class:`benchmarks.perf.worker.TimedSource` around each model, as in :mod:`benchmarks.perf.worker`,
 whose ``TimedCache`` is not a writable cache and so would turn the batched CUDA path off:
 
@@ -38,7 +38,7 @@ import torch
 from benchmarks.perf.worker import TimedSource, peak_rss_mb
 from lorax_core.cache import DiskCache
 from lorax_core.linalg import Subspace
-from lorax_core.similarity import SubspaceProvider
+from lorax_core.subspaces import SubspaceProvider
 
 __all__ = ["Clock", "run_inproc"]
 

@@ -199,7 +199,7 @@ def test_saved_lorax_file_transfers_and_its_bases_are_checked(trained, tiny, fol
     # The pack's own modules (the nodes raise the pack's error classes, not the repo-level ones).
     read_lora = pack_module("lorax_core.formats").read_lora
     check_lorax_source = pack_module("lorax_core.lorax_export").check_lorax_source
-    SubspaceProvider = pack_module("lorax_core.similarity").SubspaceProvider
+    SubspaceProvider = pack_module("lorax_core.subspaces").SubspaceProvider
     IncompatibleBaseError = pack_module("lorax_core.errors").IncompatibleBaseError
 
     save = pack_module("nodes.train").LoraXSaveLoRAX

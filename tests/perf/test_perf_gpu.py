@@ -137,7 +137,7 @@ def test_batched_on_cuda_ignores_a_hosts_tf32_setting() -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_prefetch_and_get_on_cuda(tmp_path: Path) -> None:
-    from lorax_core.similarity import SubspaceProvider
+    from lorax_core.subspaces import SubspaceProvider
 
     shapes = {"a.weight": (640, 2048), "b.weight": (640, 2048), "c.weight": (1280, 1280), "d.weight": (320, 320)}
     model = {key: _power_law(*shape, seed=i) for i, (key, shape) in enumerate(shapes.items())}

@@ -27,7 +27,7 @@ from lorax_core.batched import (
 from lorax_core.cache import DiskCache, MemoryCache, NullCache, WritableSubspaceCache
 from lorax_core.errors import NonFiniteError, OptionError, RankError, ShapeMismatchError
 from lorax_core.linalg import SUBSPACE_VERSION, Subspace, top_subspace
-from lorax_core.similarity import SubspaceProvider
+from lorax_core.subspaces import SubspaceProvider
 from lorax_core.types import DictWeights
 
 ROOT = Path(__file__).resolve().parents[2]

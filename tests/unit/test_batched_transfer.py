@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import lorax_core.similarity as similarity_module
+import lorax_core.subspaces as subspaces_module
 from lorax_core.cache import DiskCache
-from lorax_core.similarity import SubspaceProvider, compute_similarity
+from lorax_core.similarity import compute_similarity
+from lorax_core.subspaces import SubspaceProvider
 from lorax_core.transfer import transfer_adapter
 from lorax_core.types import DictWeights, LoraFactors, TransferOptions
 
@@ -89,7 +90,7 @@ def test_batched_transfer_makes_the_same_decisions_and_updates(tmp_path: Path) -
 def test_chunks_give_the_same_result_and_are_cancel_points(monkeypatch: pytest.MonkeyPatch) -> None:
     source, target, lora = _models()
     whole = transfer_adapter(lora, source, target, OPTIONS, provider=SubspaceProvider(None, "cpu", batched=True))
-    monkeypatch.setattr(similarity_module, "CHUNK_SUBSPACE_BYTES", 1)  # one layer per chunk
+    monkeypatch.setattr(subspaces_module, "CHUNK_SUBSPACE_BYTES", 1)  # one layer per chunk
     calls: list[tuple[int, int]] = []
     chunked = transfer_adapter(
         lora,

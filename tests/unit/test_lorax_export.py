@@ -17,7 +17,7 @@ from lorax_core.lorax_export import (
     lorax_to_standard,
 )
 from lorax_core.lorax_module import LoraXDelta
-from lorax_core.similarity import SubspaceProvider
+from lorax_core.subspaces import SubspaceProvider
 from lorax_core.types import LoraXFactors
 
 CORES = {"a.weight": LoraXFactors(core=torch.ones(2), shape=(48, 40))}  # any adapter with a LoRA-X layer
