@@ -29,10 +29,11 @@ from .errors import (
 )
 from .formats import looks_like_lora, read_keys, read_lora, write_lora
 from .formats.family import guess_family
-from .formats.io import TOOL_VERSION, check_output_path, write_text
+from .formats.io import check_output_path, write_text
 from .modelio import SafetensorsWeights, open_model
 from .pipeline import ModelInfo, check_source_bases, output_metadata, output_names, plan_transfer
 from .types import METHODS, LoraFactors, TransferOptions, check_device, json_safe
+from .version import TOOL_VERSION
 
 if TYPE_CHECKING:
     import torch

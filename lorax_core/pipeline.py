@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from .errors import NothingTransferableError, ShapeMismatchError
 from .formats import LoraFile
-from .formats.io import TOOL_VERSION
 from .formats.resolve import KeyMap, layer_name_for, resolve_layers
 from .slices import parse_slice_key
 from .types import (
@@ -33,6 +32,7 @@ from .types import (
     WeightSource,
     shape_problem,
 )
+from .version import TOOL_VERSION
 
 __all__ = [
     "ModelInfo",

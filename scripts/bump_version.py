@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PLACES = (
     (ROOT / "pyproject.toml", re.compile(r'^(version = ")[^"]+(")$', re.MULTILINE)),
-    (ROOT / "lorax_core" / "formats" / "io.py", re.compile(r'^(TOOL_VERSION = ")[^"]+(")$', re.MULTILINE)),
+    (ROOT / "lorax_core" / "version.py", re.compile(r'^(TOOL_VERSION = ")[^"]+(")$', re.MULTILINE)),
 )
 SEMVER = re.compile(r"\d+\.\d+\.\d+")
 

@@ -23,9 +23,10 @@ import torch
 
 from ..errors import FormatError
 from ..types import AdapterLayer, LoraFactors, LoraXFactors
+from ..version import TOOL_NAME, TOOL_VERSION
 from .base import FormatHandler, LoraFile, pair_tensors
 from .comfy import ComfyHandler
-from .io import TOOL_NAME, TOOL_VERSION, load_tensors, read_header, save_tensors
+from .io import load_tensors, read_header, save_tensors
 from .keys import ALPHA_SUFFIX, COMFY_STYLE, KOHYA_STYLE, PEFT_STYLE, KeyStyle, split_key
 from .kohya import KohyaHandler
 from .lorax import FORMAT_METADATA, LoraxHandler, lorax_tensors

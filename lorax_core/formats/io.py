@@ -27,8 +27,6 @@ from ..errors import FormatError, NonFiniteError, OutputError, OutputExistsError
 
 __all__ = [
     "PICKLE_SUFFIXES",
-    "TOOL_NAME",
-    "TOOL_VERSION",
     "check_output_path",
     "load_tensors",
     "read_header",
@@ -38,11 +36,6 @@ __all__ = [
     "write_files",
     "write_text",
 ]
-
-TOOL_NAME = "lorax_core"
-# The version written into every output's metadata (``lorax.tool_version``); kept in step with
-# pyproject.toml's [project] version.
-TOOL_VERSION = "0.1.0"
 
 PICKLE_SUFFIXES: tuple[str, ...] = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Sanity limit on the JSON header: real headers are a few MB at most (one entry per tensor).

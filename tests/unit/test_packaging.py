@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorax_core.formats.io import TOOL_VERSION
+from lorax_core.version import TOOL_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
@@ -69,5 +69,5 @@ def test_bump_version_rewrites_both_places(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(bump_version, "ROOT", tmp_path)
     assert bump_version.main(["9.8.7"]) == 0
     assert 'version = "9.8.7"' in (tmp_path / "pyproject.toml").read_text(encoding="utf-8")
-    assert 'TOOL_VERSION = "9.8.7"' in (tmp_path / "io.py").read_text(encoding="utf-8")
+    assert 'TOOL_VERSION = "9.8.7"' in (tmp_path / "version.py").read_text(encoding="utf-8")
     assert bump_version.main(["v1"]) == 2
