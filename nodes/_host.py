@@ -1,4 +1,4 @@
-"""All ComfyUI glue of the pack: the only module that imports ``comfy``, ``folder_paths``.
+"""The transfer nodes' ComfyUI glue (refine and training have theirs in ``_refine_host``/``_train_host``).
 
 What lives here (ComfyUI's own machinery, reused rather than rewritten):
 
