@@ -7,9 +7,9 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .apply import LoraXApplyTransferredLoRA
 from .load import LoraXLoadSourceModel
 from .refine import LoraXRefineTransferredLoRA
-from .save import LoraXSaveTransferredLoRA
+from .save import LoraXSaveLoRAX, LoraXSaveTransferredLoRA
 from .similarity import LoraXSubspaceSimilarity
-from .train import LoraXSaveLoRAX, LoraXTrainLoRAX
+from .train import LoraXTrainLoRAX
 from .transfer import LoraXTransferLoRA
 
 NODES: list[type[io.ComfyNode]] = [

@@ -1,24 +1,17 @@
-"""Train LoRA-X and Save LoRA-X: make a LoRA-X adapter in the graph, and write it for every loader."""
+"""Train LoRA-X: make a LoRA-X adapter in the graph (Save LoRA-X, in ``save.py``, writes it for every loader)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from statistics import median
 
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ..lorax_core.errors import FormatError
-from ..lorax_core.formats import write_lora
-from ..lorax_core.lorax_export import compress_standard
-from ..lorax_core.types import AdapterLayer
 from . import _host, _train_host
 from ._loss_chart import loss_chart
-from ._ui import CATEGORY, check_file_name, node_errors
+from ._ui import CATEGORY, node_errors
 
 TRAIN_NAME = "Train LoRA-X"
-SAVE_NAME = "Save LoRA-X"
 
 TIP_TRAIN_MODEL = "The model to train on (not modified). Its weights define the LoRA-X bases, so it is the source model a transfer of the result needs."
 TIP_TRAIN_LATENTS = (
@@ -42,19 +35,6 @@ TIP_TRAIN_DTYPE = "Compute dtype of the model while training (ΔΣ itself stays 
 TIP_TRAIN_CACHE = (
     "Take the bases from the subspace cache the transfer uses (user/__lorax/subspace-cache), computing "
     "and storing missing ones. Off: compute them in memory only."
-)
-TIP_SAVE_LORAX = "The lorax output of Train LoRA-X."
-TIP_SAVE_FILE = (
-    "File name inside <loras>/lorax/. The standard LoRA, when asked for, is saved as <name>_lora. "
-    "An existing file is never replaced: a counter is added instead."
-)
-TIP_SAVE_STANDARD = (
-    "Also save the same ΔW as a standard LoRA (up = U_R·diag(ΔΣ), down = V_Rᵀ) that any LoRA loader reads, "
-    "without the source model."
-)
-TIP_SAVE_STANDARD_RANK = (
-    "Rank of the standard LoRA: 0 keeps R (exact); a smaller rank keeps the largest directions of each layer "
-    "(best approximation) and the report states the error."
 )
 
 
@@ -192,68 +172,3 @@ def _report(
         "adapter from this model (Load Source Model on its file)."
     )
     return "\n".join(lines)
-
-
-class LoraXSaveLoRAX(io.ComfyNode):
-    """Writes the compact LoRA-X file and, on request, the equivalent standard LoRA."""
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="LoraXSaveLoRAX",
-            display_name=SAVE_NAME,
-            category=CATEGORY,
-            description=(
-                "Saves a trained LoRA-X adapter into <loras>/lorax/: the compact LoRA-X file (ΔΣ per layer, with a "
-                "record of the source model's bases that Transfer LoRA checks) and, if asked, the same ΔW as a "
-                "standard LoRA every loader reads. Existing files are never replaced."
-            ),
-            inputs=[
-                io.LoraModel.Input("lorax", tooltip=TIP_SAVE_LORAX),
-                io.String.Input("file_name", default="lorax_trained", tooltip=TIP_SAVE_FILE),
-                io.Boolean.Input("standard_lora", default=False, tooltip=TIP_SAVE_STANDARD),
-                io.Int.Input("standard_rank", default=0, min=0, max=4096, tooltip=TIP_SAVE_STANDARD_RANK),
-            ],
-            outputs=[
-                io.String.Output(display_name="lorax_name", tooltip="The LoRA-X file's name as LoRA lists show it."),
-                io.String.Output(display_name="lora_name", tooltip="The standard LoRA's name (empty when not saved)."),
-            ],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def validate_inputs(cls, file_name: str) -> bool | str:
-        checked = check_file_name(file_name)
-        return checked if checked is True else f"{SAVE_NAME}: {checked}"
-
-    @classmethod
-    def execute(cls, lorax, file_name: str, standard_lora: bool = False, standard_rank: int = 0) -> io.NodeOutput:
-        with node_errors(SAVE_NAME):
-            if not isinstance(lorax, _train_host.LoraXAdapter):
-                raise FormatError(
-                    f"lorax is a plain LORA_MODEL ({len(lorax)} tensors), not a LoRA-X adapter with its source "
-                    "record; connect the lorax output of Train LoRA-X (Save Transferred LoRA saves other LoRAs)."
-                )
-            stem = file_name.strip().removesuffix(".safetensors")
-            layers = {key.removesuffix(".weight"): f for key, f in lorax.factors.items()}
-            path = _save(stem, layers, lorax.metadata)
-            lines = [f"saved LoRA-X {_host.loras_relative_name(path)} ({len(layers)} layers)"]
-            standard_name = ""
-            if standard_lora:
-                export = compress_standard(lorax.standard, int(standard_rank) or None)
-                meta = {
-                    **lorax.metadata,
-                    "lorax.origin": f"{SAVE_NAME} (standard LoRA of a LoRA-X adapter)",
-                    "lorax.export_rank": str(export.rank or "R"),
-                    "lorax.export_error": f"{export.max_error:.6g}",
-                }
-                std = _save(f"{stem}_lora", {key.removesuffix(".weight"): f for key, f in export.layers.items()}, meta)
-                standard_name = _host.loras_relative_name(std)
-                lines.append(f"saved {standard_name}: {export.summary()}")
-        text = "\n".join(lines)
-        return io.NodeOutput(_host.loras_relative_name(path), standard_name, ui=ui.PreviewText(text))
-
-
-def _save(stem: str, layers: Mapping[str, AdapterLayer], metadata: Mapping[str, str]) -> Path:
-    """Write under ``<loras>/lorax/`` in ComfyUI-native style, adding a counter instead of overwriting."""
-    return _host.write_numbered(stem, lambda path: write_lora(path, layers, style="comfy", metadata=metadata))

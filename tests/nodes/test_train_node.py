@@ -160,7 +160,7 @@ def test_save_writes_the_lorax_file_and_exact_and_compressed_standard_loras(trai
     import comfy.sd
     import comfy.utils
 
-    save = pack_module("nodes.train").LoraXSaveLoRAX
+    save = pack_module("nodes.save").LoraXSaveLoRAX
     host = pack_module("nodes._host")
     lorax = trained[0].result[1]
     base = host.PatcherWeights(source).get(KEY)
@@ -202,7 +202,7 @@ def test_saved_lorax_file_transfers_and_its_bases_are_checked(trained, tiny, fol
     SubspaceProvider = pack_module("lorax_core.subspaces").SubspaceProvider
     IncompatibleBaseError = pack_module("lorax_core.errors").IncompatibleBaseError
 
-    save = pack_module("nodes.train").LoraXSaveLoRAX
+    save = pack_module("nodes.save").LoraXSaveLoRAX
     load = pack_module("nodes.load").LoraXLoadSourceModel
     transfer = pack_module("nodes.transfer").LoraXTransferLoRA
     lorax = trained[0].result[1]
@@ -259,7 +259,7 @@ def test_saved_lorax_file_transfers_and_its_bases_are_checked(trained, tiny, fol
 def test_user_errors_name_the_node_and_the_fix(source):
     errors = pack_module("lorax_core.errors")
     FormatError, OptionError = errors.FormatError, errors.OptionError
-    save = pack_module("nodes.train").LoraXSaveLoRAX
+    save = pack_module("nodes.save").LoraXSaveLoRAX
     with pytest.raises(FormatError, match=r"^Save LoRA-X: lorax is a plain LORA_MODEL .*connect the lorax output"):
         save.execute(lorax={"x.lora_up.weight": torch.zeros(2, 1)}, file_name="x")
     assert "must be a plain file name" in save.validate_inputs("a/b")
@@ -294,7 +294,7 @@ def test_transfer_node_refuses_a_lorax_file_on_another_source(trained, tiny, fol
     """Transfer LoRA checks a LoRA-X file's basis record against the connected source model."""
     import comfy.sd
 
-    save = pack_module("nodes.train").LoraXSaveLoRAX
+    save = pack_module("nodes.save").LoraXSaveLoRAX
     load = pack_module("nodes.load").LoraXLoadSourceModel
     transfer = pack_module("nodes.transfer").LoraXTransferLoRA
     errors = pack_module("lorax_core.errors")
