@@ -33,7 +33,7 @@ import numpy as np
 from .errors import NonFiniteError, OptionError
 from .similarity import LayerSimilarity, layer_similarity, similarity_rank
 from .subspaces import SubspaceProvider
-from .types import WeightSource, flat_shape
+from .types import SkipReason, WeightSource, flat_shape
 
 __all__ = ["LayerMatch", "depth_mismatches", "layer_kind", "match_layers"]
 
@@ -132,6 +132,8 @@ class LayerMatch:
         reason: why there is no partner (empty when there is one).
         similarity: Φ of the pair when it was matched by similarity, or checked because its
             block's depth differs (``auto``).
+        code: the skip reason as a value when there is no partner (``None`` when there is one):
+            ``NO_PARTNER`` unless given (``NONFINITE_WEIGHT`` for a damaged source weight).
     """
 
     source_key: str
@@ -139,6 +141,11 @@ class LayerMatch:
     by: str
     reason: str = ""
     similarity: LayerSimilarity | None = None
+    code: SkipReason | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_key is None and self.code is None:
+            self.code = SkipReason.NO_PARTNER
 
 
 def _weight_keys(weights: WeightSource) -> dict[str, tuple[int, ...]]:
@@ -317,6 +324,7 @@ def _match_by_similarity(
                     s if s in target_shapes else None,
                     "name" if s in target_shapes else "none",
                     "" if s in target_shapes else NONFINITE,
+                    code=None if s in target_shapes else SkipReason.NONFINITE_WEIGHT,
                 )
                 continue
             rows_keys.append(s)
@@ -326,6 +334,8 @@ def _match_by_similarity(
         if not targets:
             for key in rows_keys:
                 result[key] = LayerMatch(key, None, "none", NO_PARTNER)
+            continue
+        if not rows_keys:  # every source layer of the group is damaged: nothing to assign
             continue
         phis = np.array([[entry.phi for entry in row] for row in table], dtype=np.float64).reshape(len(rows_keys), -1)
         rows, cols = linear_sum_assignment(phis, maximize=True)

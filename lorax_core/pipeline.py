@@ -26,6 +26,8 @@ from .formats.resolve import KeyMap, layer_name_for, resolve_layers
 from .slices import parse_slice_key
 from .types import (
     AdapterLayer,
+    Skip,
+    SkipReason,
     TransferOptions,
     TransferReport,
     TransferResult,
@@ -55,13 +57,15 @@ class TransferPlan:
     Attributes:
         layers: ``{source model key: adapter layer}`` for every layer that resolved and fits.
         names: ``{source model key: the LoRA's own layer name}``.
-        skipped: ``{layer name: reason}`` for every other layer (unsupported adapter types,
-            unresolved names, shape mismatches, host rules such as a missing text encoder).
+        skipped: ``{layer name: Skip}`` for every other layer, coded by what left it out:
+            ``unsupported`` (adapter types and keys no handler reads), ``unresolved`` (no model
+            weight of that name), ``source_shape`` (does not fit the source weight) and
+            ``host_rule`` (a front end's own rule, such as a text-encoder layer without a CLIP).
     """
 
     layers: dict[str, AdapterLayer]
     names: dict[str, str]
-    skipped: dict[str, str]
+    skipped: dict[str, Skip]
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def plan_transfer(
         ShapeMismatchError: every resolved layer's shape differs from its source weight (the
             LoRA belongs to another base model).
     """
-    skipped = dict(lora.unsupported)
+    skipped = {name: Skip(SkipReason.UNSUPPORTED, reason) for name, reason in lora.unsupported.items()}
     where = lora.path or "the LoRA"
     if not lora.layers:
         raise NothingTransferableError(
@@ -115,7 +119,8 @@ def plan_transfer(
         )
     resolved, unresolved = resolve_layers(lora.layers, source.keys(), key_map)
     for name, reason in unresolved.items():
-        skipped[name] = (host_rule(name, None) if host_rule else "") or reason
+        rule = host_rule(name, None) if host_rule else ""
+        skipped[name] = Skip(SkipReason.HOST_RULE, rule) if rule else Skip(SkipReason.UNRESOLVED, reason)
     layers: dict[str, AdapterLayer] = {}
     names: dict[str, str] = {}
     mismatches: list[str] = []
@@ -131,12 +136,12 @@ def plan_transfer(
                 "where the key map slices it; a target model of another size of this family slices it elsewhere)"
             )
         if problem:
-            skipped[name] = problem
+            skipped[name] = Skip(SkipReason.SOURCE_SHAPE, problem)
             mismatches.append(f"{name}: {problem}")
             continue
         rule = host_rule(name, key) if host_rule else ""
         if rule:
-            skipped[name] = rule
+            skipped[name] = Skip(SkipReason.HOST_RULE, rule)
             continue
         layers[key], names[key] = layer, name
     if not layers:
@@ -243,9 +248,9 @@ def output_metadata(
     return meta
 
 
-def reason_counts(reasons: Iterable[str]) -> str:
+def reason_counts(reasons: Iterable[Skip | str]) -> str:
     """``"3× reason a; 1× reason b"`` — the three most common reasons, for one-line messages."""
-    counts = Counter(reasons)
+    counts = Counter(str(reason) for reason in reasons)
     parts = [f"{n}× {reason}" for reason, n in counts.most_common(3)]
     if len(counts) > 3:
         parts.append(f"{len(counts) - 3} other reasons")

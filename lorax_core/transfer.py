@@ -32,7 +32,6 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,6 +61,8 @@ from .types import (
     LayerReport,
     LoraFactors,
     LoraXFactors,
+    Skip,
+    SkipReason,
     TransferOptions,
     TransferReport,
     TransferResult,
@@ -75,7 +76,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LORA_METHODS",
-    "SkipReason",
     "choose_method",
     "lorax_to_lora",
     "transfer_adapter",
@@ -85,52 +85,6 @@ __all__ = [
 
 #: Methods that apply to a standard LoRA layer.
 LORA_METHODS: tuple[str, ...] = ("prolora", "exact", "project", "copy", "align")
-
-
-class SkipReason(str, Enum):
-    """Why :func:`transfer_adapter` skipped a layer: a value, compared and counted as such.
-
-    The member's value is the stable code written to the report (``LayerReport.code``);
-    :attr:`text` is the short fixed phrase the report shows (``LayerReport.reason``), so the
-    report can count layers per reason. The numbers behind each verdict are in the
-    LayerReport's other fields.
-    """
-
-    NO_SOURCE = "no_source", "the source model has no weight for this layer (is the LoRA for this base model?)"
-    SOURCE_SHAPE = "source_shape", "the LoRA factors do not fit the source weight (is the LoRA for this base model?)"
-    UNRESOLVED = "unresolved", "the layer could not be read or resolved to a model weight"
-    NO_PARTNER = "no_partner", "no target layer to pair with"
-    WIDTH = "width", "width mismatch between source and target layer (cannot transfer across widths without data)"
-    LORAX_RANK = (
-        "lorax_rank",
-        "the LoRA-X core rank exceeds the layer's smaller dimension (adapter made for another base?)",
-    )
-    ZERO = "zero", "zero update (the LoRA does nothing in this layer)"
-    PROJECTED_ZERO = (
-        "projected_zero",
-        "the transferred update is zero (the LoRA lies outside the target layer's subspaces)",
-    )
-    BELOW = "below_threshold", "similarity below threshold (unrelated subspaces); set force to transfer anyway"
-    WEIGHT_NDIM = (
-        "weight_ndim",
-        "the base weight is neither linear (out, in) nor conv (out, in, kh, kw); no LoRA can patch it",
-    )
-    NONFINITE_WEIGHT = (
-        "nonfinite_weight",
-        "a base weight holds NaN, Inf or out-of-range values (the model file is damaged)",
-    )
-    OVERFLOW = "overflow", "the LoRA's values overflow float32 in this layer (implausibly large factors or alpha)"
-
-    text: str
-
-    def __new__(cls, code: str, text: str) -> SkipReason:
-        member = str.__new__(cls, code)
-        member._value_ = code
-        member.text = text
-        return member
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _P(U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -371,7 +325,7 @@ def transfer_adapter(
     options: TransferOptions,
     *,
     names: Mapping[str, str] | None = None,
-    skipped: Mapping[str, str] | None = None,
+    skipped: Mapping[str, Skip | str] | None = None,
     similarity: SimilarityTable | None = None,
     cache: SubspaceCache | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -390,8 +344,10 @@ def transfer_adapter(
         source, target: the two base models (read one weight at a time).
         options: see :class:`TransferOptions`.
         names: model key → display name for the report (default: the model key).
-        skipped: display name → reason for layers the caller could not read or resolve; they
-            are reported as skipped (and count as skips in strict mode).
+        skipped: display name → :class:`~lorax_core.types.Skip` (its code and phrase) for layers
+            the caller left out while planning (``pipeline.plan_transfer``); a plain string is a
+            reason coded ``unresolved``. They are reported as skipped (and count as skips in
+            strict mode).
         similarity: a table from :func:`compute_similarity`; an entry with the same source and
             target key is reused (its Φ and chance; the threshold comes from ``options``).
         cache: a subspace cache (``get_or_compute``); without one each base weight is
@@ -441,11 +397,9 @@ def transfer_adapter(
         if progress is not None:
             progress(done, total)
 
-    for display, reason in skipped.items():
-        entry = LayerReport(
-            key=display, status="skipped", reason=reason, method=options.method, code=SkipReason.UNRESOLVED.value
-        )
-        record(entry, reason)
+    for display, skip in skipped.items():
+        code, reason = (skip.code, skip.detail) if isinstance(skip, Skip) else (SkipReason.UNRESOLVED, skip)
+        record(LayerReport(key=display, status="skipped", reason=reason, method=options.method, code=code), reason)
 
     matches = _resolve_targets(layers, source, target, options, provider)
     keys = list(layers)
@@ -470,11 +424,11 @@ def transfer_adapter(
                         key, layer, method, matches.get(key), source, target, options, provider, similarity, entry
                     )
                 except _Skip as skip:
-                    entry.code, entry.reason = skip.reason.value, skip.text
+                    entry.code, entry.reason = skip.reason, skip.text
                     record(entry, skip.detail)
                     continue
                 except NonFiniteError as exc:  # the projections or re-compression overflowed
-                    entry.code, entry.reason = SkipReason.OVERFLOW.value, SkipReason.OVERFLOW.text
+                    entry.code, entry.reason = SkipReason.OVERFLOW, SkipReason.OVERFLOW.text
                     record(entry, str(exc))
                     continue
                 out[entry.target_key or key] = factors
@@ -573,7 +527,7 @@ def _transfer_one(
     if problem:
         raise _Skip(SkipReason.SOURCE_SHAPE, problem)
     if match.target_key is None:
-        raise _Skip(SkipReason.NO_PARTNER, f"source shape {sshape}", text=match.reason)
+        raise _Skip(match.code or SkipReason.NO_PARTNER, f"source shape {sshape}", text=match.reason)
     tkey = match.target_key
     entry.target_key = tkey
     tshape = tuple(int(d) for d in target.shape(tkey))
@@ -710,15 +664,15 @@ def _raise_nothing(report: TransferReport, options: TransferOptions) -> None:
         )
     (code, reason), count = reasons.most_common(1)[0]
     fixes = {
-        SkipReason.BELOW.value: f"lower the threshold (now {options.threshold}), set force, or check the source/target "
+        SkipReason.BELOW: f"lower the threshold (now {options.threshold}), set force, or check the source/target "
         "base models are related",
-        SkipReason.WIDTH.value: "use a target model of the same family and width as the source",
-        SkipReason.SOURCE_SHAPE.value: "choose the base model the LoRA was trained on as the source",
-        SkipReason.NO_SOURCE.value: "choose the base model the LoRA was trained on as the source",
-        SkipReason.ZERO.value: "the LoRA is empty (all-zero); check the file",
-        SkipReason.NONFINITE_WEIGHT.value: "re-download the source and target models (their weights hold NaN or Inf)",
-        SkipReason.OVERFLOW.value: "check the LoRA file (its factors or alpha are implausibly large)",
-        SkipReason.WEIGHT_NDIM.value: "choose base models whose weights are linear or conv layers",
+        SkipReason.WIDTH: "use a target model of the same family and width as the source",
+        SkipReason.SOURCE_SHAPE: "choose the base model the LoRA was trained on as the source",
+        SkipReason.NO_SOURCE: "choose the base model the LoRA was trained on as the source",
+        SkipReason.ZERO: "the LoRA is empty (all-zero); check the file",
+        SkipReason.NONFINITE_WEIGHT: "re-download the source and target models (their weights hold NaN or Inf)",
+        SkipReason.OVERFLOW: "check the LoRA file (its factors or alpha are implausibly large)",
+        SkipReason.WEIGHT_NDIM: "choose base models whose weights are linear or conv layers",
     }
     fix = fixes.get(code, f"check the source and target base models and the match option (now {options.match!r})")
     raise NothingTransferableError(

@@ -21,6 +21,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -35,6 +36,8 @@ __all__ = [
     "LoraFactors",
     "LoraXFactors",
     "Method",
+    "Skip",
+    "SkipReason",
     "Status",
     "TransferOptions",
     "TransferReport",
@@ -299,14 +302,75 @@ def check_device(device: str | torch.device, *, option: str = "device") -> str:
     return text
 
 
+class SkipReason(str, Enum):
+    """Why a layer was skipped: a value, compared and counted as such, from planning to the report.
+
+    The member's value is the stable code written to the report (``LayerReport.code``; the JSON
+    keeps the string). :attr:`text` is the short fixed phrase the report shows for skips the
+    transfer decides (``LayerReport.reason``), so the report can count layers per reason; a skip
+    decided while planning (:class:`Skip`) keeps its own, more specific phrase. The numbers
+    behind each verdict are in the LayerReport's other fields.
+    """
+
+    UNSUPPORTED = "unsupported", "not a layer type the pack transfers (unknown adapter type or tensor key)"
+    HOST_RULE = "host_rule", "left out by the front end's own rule (e.g. a text-encoder layer without a CLIP)"
+
+    NO_SOURCE = "no_source", "the source model has no weight for this layer (is the LoRA for this base model?)"
+    SOURCE_SHAPE = "source_shape", "the LoRA factors do not fit the source weight (is the LoRA for this base model?)"
+    UNRESOLVED = "unresolved", "the layer could not be read or resolved to a model weight"
+    NO_PARTNER = "no_partner", "no target layer to pair with"
+    WIDTH = "width", "width mismatch between source and target layer (cannot transfer across widths without data)"
+    LORAX_RANK = (
+        "lorax_rank",
+        "the LoRA-X core rank exceeds the layer's smaller dimension (adapter made for another base?)",
+    )
+    ZERO = "zero", "zero update (the LoRA does nothing in this layer)"
+    PROJECTED_ZERO = (
+        "projected_zero",
+        "the transferred update is zero (the LoRA lies outside the target layer's subspaces)",
+    )
+    BELOW = "below_threshold", "similarity below threshold (unrelated subspaces); set force to transfer anyway"
+    WEIGHT_NDIM = (
+        "weight_ndim",
+        "the base weight is neither linear (out, in) nor conv (out, in, kh, kw); no LoRA can patch it",
+    )
+    NONFINITE_WEIGHT = (
+        "nonfinite_weight",
+        "a base weight holds NaN, Inf or out-of-range values (the model file is damaged)",
+    )
+    OVERFLOW = "overflow", "the LoRA's values overflow float32 in this layer (implausibly large factors or alpha)"
+
+    text: str
+
+    def __new__(cls, code: str, text: str) -> SkipReason:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.text = text
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A layer skipped before the transfer (planning): its code and the specific phrase the report shows."""
+
+    code: SkipReason
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
 @dataclass
 class LayerReport:
     """What happened to one LoRA layer. JSON-serialisable via :meth:`TransferReport.to_dict`.
 
     ``key`` is the layer's name as the user knows it (the LoRA file's layer name when known,
     else the model key). ``reason`` is the phrase a person reads (for a transferred layer: notes,
-    possibly empty); ``code`` is the skip reason as a stable value (``transfer.SkipReason``,
-    e.g. ``"below_threshold"``), empty for a transferred layer. Similarity fields are ``None``
+    possibly empty); ``code`` is the skip reason as a value (:class:`SkipReason`, a ``str``
+    whose value is the stable code, e.g. ``"below_threshold"``), empty for a transferred layer. Similarity fields are ``None``
     when the layer never got that far.
     """
 
@@ -314,7 +378,7 @@ class LayerReport:
     status: Status
     reason: str
     method: str
-    code: str = ""
+    code: SkipReason | Literal[""] = ""
     source_key: str | None = None
     target_key: str | None = None
     source_shape: tuple[int, ...] | None = None

@@ -28,8 +28,8 @@ from lorax_core.formats.base import pair_tensors
 from lorax_core.formats.io import save_tensors
 from lorax_core.formats.keys import KOHYA_STYLE, PEFT_STYLE
 from lorax_core.linalg import recompress, top_subspace
-from lorax_core.transfer import SkipReason, transfer_adapter
-from lorax_core.types import DictWeights, LayerReport, LoraFactors, TransferOptions, TransferReport
+from lorax_core.transfer import transfer_adapter
+from lorax_core.types import DictWeights, LayerReport, LoraFactors, SkipReason, TransferOptions, TransferReport
 
 KEY = "diffusion_model.a.weight"
 

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from lorax_core.cli import main
 from lorax_core.errors import ShapeMismatchError
 from lorax_core.formats import parse_lora
-from lorax_core.transfer import SkipReason, transfer_adapter
-from lorax_core.types import DictWeights, LoraFactors, TransferOptions
+from lorax_core.transfer import transfer_adapter
+from lorax_core.types import DictWeights, LoraFactors, SkipReason, TransferOptions
 
 GOOD = {"lora_unet_ok.lora_up.weight": torch.ones(8, 2), "lora_unet_ok.lora_down.weight": torch.ones(2, 8)}
 

@@ -162,7 +162,7 @@ def test_sd15_lora_onto_sd2_is_a_width_mismatch_on_cross_attention(tiny, fam, sd
     options = pack_module("lorax_core.types").TransferOptions(force=True, device="cpu")
     result = transfer.transfer_adapter(plan.layers, source.weights, host.PatcherWeights(model), options,
                                        names=plan.names)  # fmt: skip
-    widths = [r for r in result.report.skipped if r.reason == transfer.SkipReason.WIDTH.text]
+    widths = [r for r in result.report.skipped if r.reason == pack_module("lorax_core.types").SkipReason.WIDTH.text]
     assert widths and all(re.search(r"attn2_to_[kv]$", r.key) for r in widths)
     assert {r.target_shape for r in widths} == {(320, 1024)} and {r.source_shape for r in widths} == {(320, 768)}
     assert len(result.report.transferred) + len(widths) == len(plan.layers)  # forced: only widths are skipped

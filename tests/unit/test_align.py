@@ -24,8 +24,8 @@ from lorax_core.align import (
 from lorax_core.errors import NothingTransferableError, OptionError, ShapeMismatchError
 from lorax_core.linalg import top_subspace
 from lorax_core.similarity import similarity_rank
-from lorax_core.transfer import SkipReason, transfer_adapter, transfer_lora_layer
-from lorax_core.types import DictWeights, LoraFactors, LoraXFactors, TransferOptions
+from lorax_core.transfer import transfer_adapter, transfer_lora_layer
+from lorax_core.types import DictWeights, LoraFactors, LoraXFactors, SkipReason, TransferOptions
 
 KEY = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 R = 24  # transfer rank: well below the 96–128-wide layers here

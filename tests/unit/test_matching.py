@@ -9,8 +9,8 @@ import torch
 
 from lorax_core.errors import OptionError
 from lorax_core.matching import ALL_TAKEN, NO_NAME, NO_PARTNER, layer_kind, match_layers
-from lorax_core.transfer import SkipReason, transfer_adapter
-from lorax_core.types import DictWeights, TransferOptions
+from lorax_core.transfer import transfer_adapter
+from lorax_core.types import DictWeights, SkipReason, TransferOptions
 
 
 @pytest.mark.parametrize(
@@ -96,3 +96,23 @@ def test_match_mode_error(make_weight) -> None:
     w = DictWeights({_key(1): make_weight(8, 8)})
     with pytest.raises(OptionError, match=re.escape("match must be 'name', 'similarity' or 'auto'; got 'fuzzy'")):
         match_layers([_key(1)], w, w, mode="fuzzy")  # type: ignore[arg-type]
+
+
+def test_a_damaged_source_weight_is_coded_as_such_not_as_no_partner(make_weight, make_factors) -> None:
+    # Pairing by similarity needs the source weight's subspace; NaN in it is a damaged model,
+    # which the report must say (nonfinite_weight), not "no partner" (another model's layout).
+    W = make_weight(64, 64)
+    damaged = W.clone()
+    damaged[0, 0] = float("nan")
+    source, target = DictWeights({_key(3): damaged}), DictWeights({_key(7): W})
+    match = match_layers([_key(3)], source, target, mode="similarity", rank=16)[_key(3)]
+    assert match.target_key is None and match.code is SkipReason.NONFINITE_WEIGHT
+    assert match_layers([_key(3)], DictWeights({_key(3): W}), DictWeights({}), mode="name")[_key(3)].code is (
+        SkipReason.NO_PARTNER
+    )
+    ok = DictWeights({_key(3): W, _key(4): W})
+    lora = {_key(3): make_factors(64, 64, 4), _key(4): make_factors(64, 64, 4)}
+    both = DictWeights({_key(3): damaged, _key(4): W})
+    result = transfer_adapter(lora, both, ok, TransferOptions(rank=16, match="similarity"))
+    codes = {r.source_key: r.code for r in result.report.layers}
+    assert codes[_key(3)] is SkipReason.NONFINITE_WEIGHT

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lorax_core.matching import DEPTH_NONE, DEPTH_TAKEN, match_layers
-from lorax_core.transfer import SkipReason, transfer_adapter
-from lorax_core.types import DictWeights, TransferOptions
+from lorax_core.transfer import transfer_adapter
+from lorax_core.types import DictWeights, SkipReason, TransferOptions
 
 DEEP = "diffusion_model.input_blocks.7.1"  # 10 blocks in the source, 4 kept in the target
 FLAT = "diffusion_model.input_blocks.4.1"  # 2 blocks in both

@@ -60,7 +60,7 @@ def test_a_misfitting_slice_says_where_the_key_map_cut_the_fused_weight(tmp_path
     key_map = {"transformer.blocks.0.attn.to_q": (QKV, (0, 0, 8)), "transformer.blocks.0.attn.to_k": (QKV, (0, 8, 8))}
     plan = plan_transfer(lora, open_model(path), key_map)
     assert list(plan.layers) == [f"{QKV}[0:8:8]"]
-    reason = plan.skipped["transformer.blocks.0.attn.to_q"]
+    reason = plan.skipped["transformer.blocks.0.attn.to_q"].detail
     assert reason.startswith("shape mismatch: the LoRA layer is 12×8 but the source weight is 8×8 (rows 0–7 of")
     assert "a target model of another size of this family slices it elsewhere" in reason
 
@@ -97,3 +97,33 @@ def test_metadata_keeps_training_fields_and_drops_the_source_files_own() -> None
     assert meta["lorax.method"] == "auto" and meta["lorax.rank"] == "4" and meta["lorax.source_family"] == "SD15"
     assert json.loads(meta["lorax.report"])["totals"]["transferred"] == 1
     assert meta["lorax.host"].startswith("a test ") and all(isinstance(v, str) for v in meta.values())
+
+
+def test_planning_codes_each_skip_by_its_cause_and_the_report_keeps_the_codes() -> None:
+    from lorax_core.types import Skip, SkipReason
+
+    lora = LoraFile(format="comfy", layers={"diffusion_model.blocks.0.attn.to_q": _factors(8, 8),
+                                            "diffusion_model.blocks.1.attn.to_q": _factors(16, 8),
+                                            "text_encoders.x.to_q": _factors(8, 8),
+                                            "diffusion_model.nowhere": _factors(8, 8)},
+                    unsupported={"diffusion_model.x.hada_w1_a": "LoHa adapter"})  # fmt: skip
+    te_key = "text_encoders.x.to_q.weight"
+    weights = _weights({KEY: (8, 8), "diffusion_model.blocks.1.attn.to_q.weight": (8, 8), te_key: (8, 8)})
+    plan = plan_transfer(lora, weights, host_rule=lambda name, key: "needs CLIP" if key == te_key else "")
+    assert plan.skipped == {
+        "diffusion_model.x.hada_w1_a": Skip(SkipReason.UNSUPPORTED, "LoHa adapter"),
+        "diffusion_model.nowhere": Skip(SkipReason.UNRESOLVED, plan.skipped["diffusion_model.nowhere"].detail),
+        "diffusion_model.blocks.1.attn.to_q": Skip(
+            SkipReason.SOURCE_SHAPE, "shape mismatch: the LoRA layer is 16×8 but the source weight is 8×8"
+        ),
+        "text_encoders.x.to_q": Skip(SkipReason.HOST_RULE, "needs CLIP"),
+    }
+    result = transfer_adapter(plan.layers, weights, weights, TransferOptions(rank=4), names=plan.names,
+                              skipped=plan.skipped)  # fmt: skip
+    report = {r.key: (r.code, r.reason) for r in result.report.layers}
+    assert report["diffusion_model.x.hada_w1_a"] == (SkipReason.UNSUPPORTED, "LoHa adapter")
+    assert report["text_encoders.x.to_q"] == (SkipReason.HOST_RULE, "needs CLIP")
+    data = json.loads(result.report.to_json())
+    assert {layer["key"]: layer["code"] for layer in data["layers"]}["diffusion_model.blocks.1.attn.to_q"] == (
+        "source_shape"
+    )
