@@ -29,7 +29,7 @@ from .errors import (
 )
 from .formats import looks_like_lora, read_keys, read_lora, write_lora
 from .formats.family import guess_family
-from .formats.io import check_output_path, write_text
+from .formats.io import check_output_path, same_path, write_text
 from .modelio import SafetensorsWeights, open_model
 from .pipeline import ModelInfo, check_source_bases, output_metadata, output_names, plan_transfer
 from .types import METHODS, LoraFactors, TransferOptions, check_device, json_safe
@@ -202,14 +202,14 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     check_output_path(args.out, overwrite=args.overwrite)
     if args.report is not None:
         _check_text_output(args.report, args.overwrite)
-        if _same_file(args.report, args.out):
+        if same_path(args.report, args.out):
             raise OptionError(
                 f"--report {args.report} is the same file as --out; give the JSON report its own name, "
                 f"e.g. {Path(args.out).with_suffix('.report.json')}."
             )
     for out_option, out_path in (("--out", args.out), ("--report", args.report)):
         for in_option in ("--source", "--target", "--lora"):
-            if out_path is not None and _same_file(out_path, getattr(args, in_option[2:])):
+            if out_path is not None and same_path(out_path, getattr(args, in_option[2:])):
                 raise OptionError(
                     f"{out_option} {out_path} is the {in_option} file; writing it would destroy an input. "
                     "Choose another output name."
@@ -534,11 +534,6 @@ def _check_text_output(path: Path, overwrite: bool) -> None:
         check_output_path(path, overwrite=overwrite, suffix=None)
     except OutputExistsError:
         raise OutputExistsError(f"{path}: the file already exists; choose another name or pass --overwrite.") from None
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two output paths name one file (after ``..``, symbolic links and case folding)."""
-    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
 #: The host-side program that calls ComfyUI's key tables for ``--comfyui``. It lives with the

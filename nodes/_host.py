@@ -47,7 +47,7 @@ from ..lorax_core.modelio import SafetensorsWeights, open_model
 from ..lorax_core.pipeline import TransferPlan, output_names
 from ..lorax_core.pipeline import plan_transfer as core_plan_transfer
 from ..lorax_core.slices import WeightSlice, parse_slice_key, slice_from_comfy
-from ..lorax_core.types import LoraFactors, TransferResult
+from ..lorax_core.types import LoraFactors, TransferResult, flat_shape
 
 UNET_PREFIX = "diffusion_model."
 TE_PREFIX = "text_encoders."
@@ -373,10 +373,8 @@ def _similarity_keys(source: SourceModel, plan: TransferPlan | None, key_map: Ma
 
 
 def _dims(shape: tuple[int, ...]) -> str:
-    rest = 1
-    for d in shape[1:]:
-        rest *= int(d)
-    return f"{int(shape[0])}×{rest}"
+    """``"out×in"`` of the flattened weight (the one flattening rule, ``types.flat_shape``)."""
+    return "{}×{}".format(*flat_shape(shape))
 
 
 def _related_families(source_family: str | None, model: Any) -> bool:

@@ -31,6 +31,7 @@ __all__ = [
     "load_tensors",
     "read_header",
     "refuse_pickle",
+    "same_path",
     "save_tensors",
     "serialize_tensors",
     "write_files",
@@ -510,7 +511,7 @@ def save_tensors(
     outputs: list[tuple[Path, bytes]] = []
     for extra, text in (extra_files or {}).items():
         q = check_output_path(extra, overwrite=overwrite, suffix=None)
-        if _same_path(q, p) or any(_same_path(q, o) for o, _ in outputs):
+        if same_path(q, p) or any(same_path(q, o) for o, _ in outputs):
             raise OutputError(f"{q}: given twice as an output (also for {p}); give each output its own name.")
         outputs.append((q, text.encode("utf-8")))
     data = serialize_tensors(tensors, metadata, path=p)
@@ -525,7 +526,8 @@ def write_text(path: str | os.PathLike[str], text: str, *, overwrite: bool = Fal
     return p
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (after ``..``, symbolic links and case folding); neither need exist."""
     return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
