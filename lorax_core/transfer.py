@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -463,15 +463,13 @@ def _subspace_request(
 ) -> tuple[str, str, int] | None:
     """The ``(source key, target key, R)`` subspaces :func:`_transfer_one` will ask for, or ``None``
     for a layer it skips before (or without) decomposing. ``align`` asks for a larger rank on its own."""
-    tkey = match.target_key if match is not None else None
-    if tkey is None or not _gated(layer, options):
+    if not _gated(layer, options):
         return None
-    shape = tuple(int(d) for d in source.shape(key))
-    if len(shape) not in (2, 4) or shape_problem(layer, shape) or flat_shape(target.shape(tkey)) != flat_shape(shape):
+    try:
+        geo = _geometry(key, layer, match, source, target)
+    except _Skip:
         return None
-    m, n = flat_shape(shape)
-    R = _subspace_rank(layer, options, m, n)
-    return (key, tkey, R) if R <= min(m, n) else None
+    return key, geo.target_key, _subspace_rank(layer, options, geo.m, geo.n)
 
 
 def _resolve_targets(
@@ -495,6 +493,73 @@ def _resolve_targets(
     )
 
 
+@dataclass(frozen=True)
+class _Geometry:
+    """A layer's pairing and shapes, once every check that needs no decomposition has passed.
+
+    ``m, n`` is the flattened ``(out, in·kh·kw)`` shape both weights share; ``norm`` is ‖ΔW‖_F
+    of the source update (float64, from the factors' Gram matrices), finite and non-zero.
+    """
+
+    target_key: str
+    target_shape: tuple[int, ...]
+    m: int
+    n: int
+    norm: float
+
+
+def _geometry(
+    key: str,
+    layer: AdapterLayer,
+    match: LayerMatch | None,
+    source: WeightSource,
+    target: WeightSource,
+    entry: LayerReport | None = None,
+) -> _Geometry:
+    """Decide a layer's geometry, or its skip (:class:`_Skip`), reading shapes only, never weights.
+
+    The checks run in the report's order of precedence: the source has the weight, it is linear
+    or conv, ‖ΔW‖ fits float32, the factors fit the weight, there is a partner, the partner is
+    linear or conv of the same width, ΔW is not zero, a LoRA-X core fits the layer. ``entry``
+    (when given) records what is known as it becomes known, so a skipped layer's record shows
+    the shapes and the norm that decided it. ``match`` is ``None`` when the source has no ``key``.
+    """
+    if match is None:
+        raise _Skip(SkipReason.NO_SOURCE, f"source model key {key!r}")
+    sshape = tuple(int(d) for d in source.shape(key))
+    if entry is not None:
+        entry.source_shape = sshape
+    if len(sshape) not in (2, 4):
+        raise _Skip(SkipReason.WEIGHT_NDIM, f"source weight {key!r} has shape {sshape}")
+    norm = _source_norm(layer)
+    # ‖ΔW‖ (float64) beyond float32's range: no loader can apply this update, even when the
+    # factors themselves are finite (copy would otherwise write them unchanged).
+    overflow = not math.isfinite(norm) or norm > torch.finfo(torch.float32).max
+    if entry is not None:
+        entry.norm_source = None if overflow else norm
+    if overflow:
+        raise _Skip(SkipReason.OVERFLOW, "‖ΔW‖ exceeds float32's range")
+    problem = shape_problem(layer, sshape)
+    if problem:
+        raise _Skip(SkipReason.SOURCE_SHAPE, problem)
+    if match.target_key is None:
+        raise _Skip(match.code or SkipReason.NO_PARTNER, f"source shape {sshape}", text=match.reason)
+    tkey = match.target_key
+    tshape = tuple(int(d) for d in target.shape(tkey))
+    if entry is not None:
+        entry.target_key, entry.target_shape = tkey, tshape
+    if len(tshape) not in (2, 4):
+        raise _Skip(SkipReason.WEIGHT_NDIM, f"target weight {tkey!r} has shape {tshape}")
+    m, n = flat_shape(sshape)
+    if flat_shape(tshape) != (m, n):
+        raise _Skip(SkipReason.WIDTH, f"source {sshape} vs target {tshape}")
+    if norm == 0.0:
+        raise _Skip(SkipReason.ZERO, "‖ΔW‖ = 0")
+    if isinstance(layer, LoraXFactors) and layer.rank > min(m, n):
+        raise _Skip(SkipReason.LORAX_RANK, f"core rank {layer.rank} > min({m}, {n})")
+    return _Geometry(tkey, tshape, m, n, norm)
+
+
 def _transfer_one(
     key: str,
     layer: AdapterLayer,
@@ -507,110 +572,116 @@ def _transfer_one(
     similarity: SimilarityTable | None,
     entry: LayerReport,
 ) -> LoraFactors:
-    """One layer; fills ``entry`` and returns the output factors, or raises :class:`_Skip`.
+    """One layer, top-down: geometry → (gate and project | copy) → finish.
 
-    ``match`` is ``None`` when the source model has no weight ``key``.
+    Fills ``entry`` and returns the output factors, or raises :class:`_Skip`.
     """
-    if match is None:
-        raise _Skip(SkipReason.NO_SOURCE, f"source model key {key!r}")
-    sshape = tuple(int(d) for d in source.shape(key))
-    entry.source_shape = sshape
-    if len(sshape) not in (2, 4):
-        raise _Skip(SkipReason.WEIGHT_NDIM, f"source weight {key!r} has shape {sshape}")
-    entry.norm_source = _source_norm(layer)
-    # ‖ΔW‖ (float64) beyond float32's range: no loader can apply this update, even when the
-    # factors themselves are finite (copy would otherwise write them unchanged).
-    if not math.isfinite(entry.norm_source) or entry.norm_source > torch.finfo(torch.float32).max:
-        entry.norm_source = None
-        raise _Skip(SkipReason.OVERFLOW, "‖ΔW‖ exceeds float32's range")
-    problem = shape_problem(layer, sshape)
-    if problem:
-        raise _Skip(SkipReason.SOURCE_SHAPE, problem)
-    if match.target_key is None:
-        raise _Skip(match.code or SkipReason.NO_PARTNER, f"source shape {sshape}", text=match.reason)
-    tkey = match.target_key
-    entry.target_key = tkey
-    tshape = tuple(int(d) for d in target.shape(tkey))
-    entry.target_shape = tshape
-    if len(tshape) not in (2, 4):
-        raise _Skip(SkipReason.WEIGHT_NDIM, f"target weight {tkey!r} has shape {tshape}")
-    m, n = flat_shape(sshape)
-    if flat_shape(tshape) != (m, n):
-        raise _Skip(SkipReason.WIDTH, f"source {sshape} vs target {tshape}")
-    if entry.norm_source == 0.0:
-        raise _Skip(SkipReason.ZERO, "‖ΔW‖ = 0")
-
-    if isinstance(layer, LoraXFactors) and layer.rank > min(m, n):
-        raise _Skip(SkipReason.LORAX_RANK, f"core rank {layer.rank} > min({m}, {n})")
-    R = _subspace_rank(layer, options, m, n)
+    geo = _geometry(key, layer, match, source, target, entry)
     notes: list[str] = []
-    if match.by == "similarity":
-        notes.append(f"paired by similarity with {tkey}")
-
+    if match is not None and match.by == "similarity":
+        notes.append(f"paired by similarity with {geo.target_key}")
     # copy asked for by name skips the similarity test (it is what loading the LoRA directly
     # does); every other method, and copy chosen by auto, is gated on it.
     if _gated(layer, options):
-        try:
-            src = provider.get(source, key, R)
-            tgt = provider.get(target, tkey, R)
-        except NonFiniteError as exc:
-            raise _Skip(SkipReason.NONFINITE_WEIGHT, str(exc)) from None
-        sim = _similarity_for(key, tkey, src, tgt, R, m, n, options, similarity)
-        entry.phi_left, entry.phi_right = sim.phi_left, sim.phi_right
-        entry.chance, entry.similarity_rank, entry.threshold = sim.chance, sim.rank, sim.threshold
-        # A layer the gate refuses may be the source layer with one side in another basis (hidden
-        # units permuted): auto aligns it instead of skipping it (lorax_core.align). Only layers
-        # auto would skip change; with force, auto keeps its forced method as before. Without one
-        # agreeing side there is no anchor, so unrelated layers cost no extra decomposition.
-        test: AlignmentTest | None = None
-        skipped_by_auto = options.method == "auto" and not sim.passed and not options.force
-        if method == "align" or (skipped_by_auto and _one_side_agrees(sim)):
-            k = sim.rank if sim.rank is not None else similarity_rank(R, m, n)
-            src_a = provider.get(source, key, align_rank(m, n))
-            tgt_a = provider.get(target, tkey, align_rank(m, n))
-            test = alignment_test(src_a, tgt_a, k, options.threshold)
-            if method != "align" and test.reparameterised:
-                method = entry.method = "align"
-                notes.append(f"auto: {test.describe()}; aligned by {test.side_map.describe()}")
-        if not sim.passed and not (method == "align" and test is not None and test.reparameterised):
-            if not options.force:
-                raise _Skip(
-                    SkipReason.BELOW,
-                    f"Φ={sim.phi:.3f} < threshold {sim.threshold:.3f} (chance {sim.chance:.3f}, rank {sim.rank})",
-                )
-            notes.append(f"forced: Φ={sim.phi:.3f} below threshold {sim.threshold:.3f}")
-        if sim.rank is not None and sim.rank < R:
-            notes.append(f"similarity decided at rank {sim.rank} (R={R} is not well below {min(m, n)})")
-        if method == "align" and test is not None:
-            lora = lorax_to_lora(layer, src) if isinstance(layer, LoraXFactors) else layer
-            flat = align_lora(lora, test)
-        elif isinstance(layer, LoraXFactors):
-            flat = (
-                transfer_lorax_layer(layer, src, tgt)
-                if method == "lorax"
-                else transfer_lora_layer(lorax_to_lora(layer, src), src, tgt, method)
-            )
-        else:
-            flat = transfer_lora_layer(layer, src, tgt, method)
-        note = _completeness_note(R, m, n, method)
-        if note:
-            notes.append(note)
-        if method == "copy" and options.method == "auto":
-            notes.append("auto: convolution layers keep their update (copy)")
+        flat, method = _gate_and_project(key, layer, method, geo, source, target, options, provider, similarity,
+                                         entry, notes)  # fmt: skip
     else:
         device = torch.device(options.device)
         flat = LoraFactors(
             up=layer.up2d().to(device=device, dtype=torch.float32) * layer.scale,
             down=layer.down2d().to(device=device, dtype=torch.float32),
         )
+    return _finish(flat, method, layer, geo, options, entry, notes)
 
+
+def _gate_and_project(
+    key: str,
+    layer: AdapterLayer,
+    method: str,
+    geo: _Geometry,
+    source: WeightSource,
+    target: WeightSource,
+    options: TransferOptions,
+    provider: SubspaceProvider,
+    similarity: SimilarityTable | None,
+    entry: LayerReport,
+    notes: list[str],
+) -> tuple[LoraFactors, str]:
+    """Decompose, test similarity (and, for ``auto``/``align``, a re-parameterised side), then project.
+
+    Returns the flat float32 factors and the method actually used (``auto`` may switch to
+    ``align``); fills the similarity fields of ``entry`` and appends to ``notes``; raises
+    :class:`_Skip` for a damaged weight or a layer below the threshold (unless ``force``).
+    """
+    tkey, m, n = geo.target_key, geo.m, geo.n
+    R = _subspace_rank(layer, options, m, n)
+    try:
+        src = provider.get(source, key, R)
+        tgt = provider.get(target, tkey, R)
+    except NonFiniteError as exc:
+        raise _Skip(SkipReason.NONFINITE_WEIGHT, str(exc)) from None
+    sim = _similarity_for(key, tkey, src, tgt, R, m, n, options, similarity)
+    entry.phi_left, entry.phi_right = sim.phi_left, sim.phi_right
+    entry.chance, entry.similarity_rank, entry.threshold = sim.chance, sim.rank, sim.threshold
+    # A layer the gate refuses may be the source layer with one side in another basis (hidden
+    # units permuted): auto aligns it instead of skipping it (lorax_core.align). Only layers
+    # auto would skip change; with force, auto keeps its forced method as before. Without one
+    # agreeing side there is no anchor, so unrelated layers cost no extra decomposition.
+    test: AlignmentTest | None = None
+    skipped_by_auto = options.method == "auto" and not sim.passed and not options.force
+    if method == "align" or (skipped_by_auto and _one_side_agrees(sim)):
+        k = sim.rank if sim.rank is not None else similarity_rank(R, m, n)
+        src_a = provider.get(source, key, align_rank(m, n))
+        tgt_a = provider.get(target, tkey, align_rank(m, n))
+        test = alignment_test(src_a, tgt_a, k, options.threshold)
+        if method != "align" and test.reparameterised:
+            method = entry.method = "align"
+            notes.append(f"auto: {test.describe()}; aligned by {test.side_map.describe()}")
+    if not sim.passed and not (method == "align" and test is not None and test.reparameterised):
+        if not options.force:
+            raise _Skip(
+                SkipReason.BELOW,
+                f"Φ={sim.phi:.3f} < threshold {sim.threshold:.3f} (chance {sim.chance:.3f}, rank {sim.rank})",
+            )
+        notes.append(f"forced: Φ={sim.phi:.3f} below threshold {sim.threshold:.3f}")
+    if sim.rank is not None and sim.rank < R:
+        notes.append(f"similarity decided at rank {sim.rank} (R={R} is not well below {min(m, n)})")
+    if method == "align" and test is not None:
+        lora = lorax_to_lora(layer, src) if isinstance(layer, LoraXFactors) else layer
+        flat = align_lora(lora, test)
+    elif isinstance(layer, LoraXFactors):
+        flat = (
+            transfer_lorax_layer(layer, src, tgt)
+            if method == "lorax"
+            else transfer_lora_layer(lorax_to_lora(layer, src), src, tgt, method)
+        )
+    else:
+        flat = transfer_lora_layer(layer, src, tgt, method)
+    note = _completeness_note(R, m, n, method)
+    if note:
+        notes.append(note)
+    if method == "copy" and options.method == "auto":
+        notes.append("auto: convolution layers keep their update (copy)")
+    return flat, method
+
+
+def _finish(
+    flat: LoraFactors,
+    method: str,
+    layer: AdapterLayer,
+    geo: _Geometry,
+    options: TransferOptions,
+    entry: LayerReport,
+    notes: list[str],
+) -> LoraFactors:
+    """Re-factor at the true rank, check the result, record it and give it the target's layout and the LoRA's dtype."""
     up, down = flat.up, flat.down
     energy = 1.0
     # copy keeps the caller's factors as they are unless a smaller rank is asked for; every other
     # method is re-factored at its true rank (prolora's 2r columns are often dependent).
     if method != "copy" or (options.output_rank is not None and options.output_rank < up.shape[1]):
         # "Numerically zero" relative to the source update: fp32 rounding of the projections.
-        atol = entry.norm_source * max(m, n) * torch.finfo(torch.float32).eps
+        atol = geo.norm * max(geo.m, geo.n) * torch.finfo(torch.float32).eps
         up, down, energy = recompress(up, down, options.output_rank, atol=atol)
     if up.shape[1] == 0:
         entry.norm_target = 0.0
@@ -621,7 +692,7 @@ def _transfer_one(
     entry.energy_kept = energy
     entry.output_rank = int(up.shape[1])
     entry.norm_target = factored_norm(up, down)
-    restored = restore_layout(up, down, tshape, _layer_dtype(layer))
+    restored = restore_layout(up, down, geo.target_shape, _layer_dtype(layer))
     if restored.up.dtype != _layer_dtype(layer):
         notes.append(f"kept in float32: the update overflows {_layer_dtype(layer)}")
     entry.reason = "; ".join(notes)
