@@ -46,6 +46,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .linalg import Subspace, factored_norm, recompress
+from .lycoris import LycorisLayer, dora_magnitude, write_back
 from .matching import LayerMatch, match_layers
 from .similarity import (
     LayerSimilarity,
@@ -278,6 +279,8 @@ def _source_norm(layer: AdapterLayer) -> float:
 
 
 def _layer_dtype(layer: AdapterLayer) -> torch.dtype:
+    if isinstance(layer, LycorisLayer):
+        return layer.file_dtype  # its factors are float32 products of the file's tensors
     return layer.core.dtype if isinstance(layer, LoraXFactors) else layer.up.dtype
 
 
@@ -591,7 +594,13 @@ def _transfer_one(
             up=layer.up2d().to(device=device, dtype=torch.float32) * layer.scale,
             down=layer.down2d().to(device=device, dtype=torch.float32),
         )
-    return _finish(flat, method, layer, geo, options, entry, notes)
+    magnitude = None
+    if isinstance(layer, LycorisLayer):  # DoRA's magnitude is re-derived from both base weights
+
+        def magnitude(m: torch.Tensor) -> torch.Tensor:
+            return dora_magnitude(m, source.get(key), target.get(geo.target_key))
+
+    return _finish(flat, method, layer, geo, options, entry, notes, magnitude)
 
 
 def _gate_and_project(
@@ -673,8 +682,11 @@ def _finish(
     options: TransferOptions,
     entry: LayerReport,
     notes: list[str],
+    magnitude: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LoraFactors:
-    """Re-factor at the true rank, check the result, record it and give it the target's layout and the LoRA's dtype."""
+    """Re-factor at the true rank, check the result, record it and give it the target's layout and the LoRA's dtype.
+
+    A LyCORIS layer is written by :func:`_write_lycoris` (``magnitude`` maps its DoRA magnitude)."""
     up, down = flat.up, flat.down
     energy = 1.0
     # copy keeps the caller's factors as they are unless a smaller rank is asked for; every other
@@ -692,11 +704,49 @@ def _finish(
     entry.energy_kept = energy
     entry.output_rank = int(up.shape[1])
     entry.norm_target = factored_norm(up, down)
+    if isinstance(layer, LycorisLayer):
+        return _write_lycoris(layer, up, down, method, geo, options, entry, notes, magnitude)
     restored = restore_layout(up, down, geo.target_shape, _layer_dtype(layer))
     if restored.up.dtype != _layer_dtype(layer):
         notes.append(f"kept in float32: the update overflows {_layer_dtype(layer)}")
     entry.reason = "; ".join(notes)
     return restored
+
+
+def _write_lycoris(
+    layer: LycorisLayer,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    method: str,
+    geo: _Geometry,
+    options: TransferOptions,
+    entry: LayerReport,
+    notes: list[str],
+    magnitude: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> LoraFactors:
+    """A transferred LyCORIS layer in its own type, or as a LoRA (:func:`lorax_core.lycoris.write_back`)."""
+    written = write_back(
+        layer,
+        up,
+        down,
+        copied=method == "copy",
+        restore=lambda u, d: restore_layout(u, d, geo.target_shape, layer.file_dtype),
+        magnitude=magnitude or (lambda m: m),
+        energy=options.lycoris_energy,
+        cap=options.output_rank,
+    )
+    out = written.layer
+    entry.written_as, entry.truncation_error = written.written_as, written.error
+    entry.energy_kept = (entry.energy_kept or 1.0) * written.energy_kept
+    if not isinstance(out, LycorisLayer) or not out.parts:
+        entry.output_rank = out.rank
+        entry.norm_target = factored_norm(out.up2d(), out.down2d(), out.scale)
+    if layer.kind in ("loha", "lokr") and written.written_as.startswith("lora"):
+        notes.append(f"{layer.kind} written as a rank-{out.rank} LoRA (relative truncation error {written.error:.2e})")
+    if layer.densified:
+        notes.append(f"{layer.kind}: densified (no exact factored form smaller than the weight)")
+    entry.reason = "; ".join(notes)
+    return out
 
 
 def _one_side_agrees(sim: LayerSimilarity) -> bool:

@@ -235,6 +235,9 @@ class TransferOptions:
         strict: raise :class:`~lorax_core.errors.NothingTransferableError`-style errors on any
             skipped layer instead of reporting it.
         device: where the linear algebra runs (``"cpu"``, ``"cuda"``, …).
+        lycoris_energy: a LoHa/LoKr layer whose transferred update is no longer a Hadamard or
+            Kronecker product is written as a LoRA of the smallest rank keeping this fraction of
+            its squared Frobenius norm (at most ``output_rank``). In ``(0, 1]``.
     """
 
     method: Method = "auto"
@@ -245,9 +248,15 @@ class TransferOptions:
     match: Literal["name", "similarity", "auto"] = "auto"
     strict: bool = False
     device: str = "cpu"
+    lycoris_energy: float = 0.99
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if not 0.0 < float(self.lycoris_energy) <= 1.0:
+            raise OptionError(
+                f"lycoris_energy must be in (0, 1] (the fraction of a LoHa/LoKr update's energy its LoRA keeps); "
+                f"got {self.lycoris_energy!r}."
+            )
         if self.method not in METHODS:
             raise OptionError(f"method {self.method!r} is not one of {', '.join(METHODS)}.")
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -367,6 +376,9 @@ class Skip:
 class LayerReport:
     """What happened to one LoRA layer. JSON-serialisable via :meth:`TransferReport.to_dict`.
 
+    ``written_as`` and ``truncation_error`` are set for LyCORIS, DoRA and ``.diff`` layers
+    (:mod:`lorax_core.lycoris`): the type the layer was written as (``loha``, ``lokr``, ``diff``,
+    ``lora``, ``lora+dora``) and the relative Frobenius error of writing it so (0 when exact).
     ``key`` is the layer's name as the user knows it (the LoRA file's layer name when known,
     else the model key). ``reason`` is the phrase a person reads (for a transferred layer: notes,
     possibly empty); ``code`` is the skip reason as a value (:class:`SkipReason`, a ``str``
@@ -392,6 +404,8 @@ class LayerReport:
     norm_target: float | None = None
     energy_kept: float | None = None
     output_rank: int | None = None
+    written_as: str | None = None
+    truncation_error: float | None = None
 
 
 @dataclass

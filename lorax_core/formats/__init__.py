@@ -24,7 +24,7 @@ import torch
 from ..errors import FormatError
 from ..types import AdapterLayer, LoraFactors, LoraXFactors
 from ..version import TOOL_NAME, TOOL_VERSION
-from .base import FormatHandler, LoraFile, pair_tensors
+from .base import FormatHandler, LoraFile, layer_tensors
 from .comfy import ComfyHandler
 from .io import load_tensors, read_header, save_tensors
 from .keys import ALPHA_SUFFIX, COMFY_STYLE, KOHYA_STYLE, PEFT_STYLE, KeyStyle, split_key
@@ -200,6 +200,8 @@ def write_lora(
         per_layer, default = {}, _STYLES[style]
     else:
         raise FormatError(f"unknown output style {style!r}; use one of {', '.join(_STYLES)} or a source LoraFile.")
+    from ..lycoris import LycorisLayer  # lorax_core.lycoris reads this package's key tables
+
     tensors: dict[str, torch.Tensor] = {}
     has_lorax = False
     alphaless: dict[str, int] = {}  # {layer: rank} written without .alpha (scale folded into up)
@@ -212,8 +214,8 @@ def write_lora(
             layer_style = per_layer.get(name, default)
             if layer_style.down.startswith(".lorax"):
                 layer_style = COMFY_STYLE
-            part = pair_tensors(name, layer, layer_style)
-            if f"{name}{ALPHA_SUFFIX}" in part:
+            part = layer_tensors(name, layer, layer_style)
+            if f"{name}{ALPHA_SUFFIX}" in part or isinstance(layer, LycorisLayer):
                 with_alpha = True
             else:
                 alphaless[name] = layer.rank

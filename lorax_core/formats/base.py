@@ -16,13 +16,14 @@ import torch
 
 from ..errors import LoraxError, NonFiniteError
 from ..types import AdapterLayer, LoraFactors
-from .keys import ALPHA_SUFFIX, PAIR_STYLES, UNSUPPORTED_SUFFIXES, KeyStyle
+from .keys import ALPHA_SUFFIX, KOHYA_STYLE, PAIR_STYLES, UNSUPPORTED_SUFFIXES, KeyStyle
 
 __all__ = [
     "FormatHandler",
     "LayerParts",
     "LoraFile",
     "build_pair",
+    "layer_tensors",
     "pair_style",
     "pair_tensors",
 ]
@@ -98,6 +99,15 @@ def build_pair(layer: str, parts: LayerParts) -> tuple[LoraFactors, KeyStyle] | 
     if reasons:
         return "; ".join(reasons)
     style = pair_style(parts)
+    # LoHa, LoKr, Tucker LoCon, DoRA and .diff layers (imported here: lorax_core.lycoris reads
+    # this package's key tables, so a module-level import would be circular).
+    from ..lycoris import build_lycoris
+
+    lycoris = build_lycoris(layer, parts)
+    if isinstance(lycoris, str):
+        return lycoris
+    if lycoris is not None:
+        return lycoris, style or KOHYA_STYLE
     if style is None:
         found = ", ".join(sorted(parts))
         return f"no up/down factors (found only {found}); not a LoRA layer"
@@ -159,4 +169,21 @@ def pair_tensors(name: str, factors: LoraFactors, style: KeyStyle) -> dict[str, 
     out = {f"{name}{style.down}": down, f"{name}{style.up}": up}
     if style.alpha:
         out[f"{name}{ALPHA_SUFFIX}"] = torch.tensor(alpha, dtype=torch.float32)
+    return out
+
+
+def layer_tensors(name: str, layer: LoraFactors, style: KeyStyle) -> dict[str, torch.Tensor]:
+    """The file tensors of one standard or LyCORIS layer (:class:`~lorax_core.lycoris.LycorisLayer`).
+
+    A LyCORIS layer with its own tensors (``parts``) is written in its own type, plus its DoRA
+    magnitude; one without (a LoRA carrying a re-derived DoRA magnitude) is written as a LoRA pair
+    in ``style`` (:func:`pair_tensors`) plus its ``.dora_scale``.
+    """
+    from ..lycoris import LycorisLayer, lycoris_tensors
+
+    if isinstance(layer, LycorisLayer) and layer.parts:
+        return lycoris_tensors(name, layer)
+    out = pair_tensors(name, layer, style)
+    if isinstance(layer, LycorisLayer) and layer.dora_scale is not None:
+        out.update(lycoris_tensors(name, layer))
     return out

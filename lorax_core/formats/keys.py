@@ -18,11 +18,17 @@ __all__ = [
     "DIFFUSERS_ATTENTION_SPELLINGS",
     "DIFFUSERS_BLOCK_MARKERS",
     "DIFFUSERS_COMPONENTS",
+    "DORA_SUFFIX",
+    "FULL_SUFFIXES",
     "KOHYA_PREFIXES",
     "KOHYA_STYLE",
     "KOHYA_TEXT_ENCODERS",
+    "LOHA_SUFFIXES",
+    "LOKR_SUFFIXES",
     "LORAX_CORE_SUFFIX",
     "LORAX_SHAPE_SUFFIX",
+    "LYCORIS_SUFFIXES",
+    "MID_SUFFIX",
     "MODEL_KEY_PREFIXES",
     "PAIR_STYLES",
     "PEFT_PREFIXES",
@@ -71,33 +77,22 @@ ALPHA_SUFFIX = ".alpha"
 LORAX_CORE_SUFFIX = ".lorax_core"
 LORAX_SHAPE_SUFFIX = ".lorax_shape"
 
+# LyCORIS and related types, read by lorax_core.lycoris (ComfyUI comfy/weight_adapter/loha.py,
+# lokr.py, lora.py; the .diff/.diff_b patches of comfy/lora.py).
+LOHA_SUFFIXES: tuple[str, ...] = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2")
+LOKR_SUFFIXES: tuple[str, ...] = (
+    ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2",
+)  # fmt: skip
+FULL_SUFFIXES: tuple[str, ...] = (".diff", ".diff_b")
+DORA_SUFFIX = ".dora_scale"
+MID_SUFFIX = ".lora_mid.weight"
+LYCORIS_SUFFIXES: tuple[str, ...] = (*LOHA_SUFFIXES, *LOKR_SUFFIXES, *FULL_SUFFIXES, DORA_SUFFIX, MID_SUFFIX)
+
 # Tensor suffixes of adapter types whose ΔW is not ``up @ down`` (or that need more than the
-# factors), with the reason shown per layer. Checked by longest match, so ".lora_mid.weight"
-# wins over nothing and ".diff_b" over ".diff".
-_LOHA = "LoHa adapter (hada_*): ΔW is a Hadamard product of two low-rank terms, not up·down; not transferable"
-_LOKR = "LoKr adapter (lokr_*): ΔW is a Kronecker product, not up·down; not transferable"
-_FULL = "full weight patch (.diff/.set_weight/norms): not a low-rank adapter; not transferable"
+# factors) and that no reader here understands, with the reason shown per layer. Checked by
+# longest match.
+_FULL = "full weight patch (.set_weight/norms): not a low-rank adapter; not transferable"
 UNSUPPORTED_SUFFIXES: dict[str, str] = {
-    ".dora_scale": (
-        "DoRA magnitude (dora_scale): DoRA re-normalises the patched weight column by column, which a "
-        "transfer of the up/down factors cannot reproduce; not transferable"
-    ),
-    ".lora_mid.weight": "tucker-decomposed conv LoRA (lora_mid): not transferable yet; re-save it without tucker",
-    ".hada_w1_a": _LOHA,
-    ".hada_w1_b": _LOHA,
-    ".hada_w2_a": _LOHA,
-    ".hada_w2_b": _LOHA,
-    ".hada_t1": _LOHA,
-    ".hada_t2": _LOHA,
-    ".lokr_w1": _LOKR,
-    ".lokr_w2": _LOKR,
-    ".lokr_w1_a": _LOKR,
-    ".lokr_w1_b": _LOKR,
-    ".lokr_w2_a": _LOKR,
-    ".lokr_w2_b": _LOKR,
-    ".lokr_t2": _LOKR,
-    ".diff": _FULL,
-    ".diff_b": _FULL,
     ".set_weight": _FULL,
     ".w_norm": _FULL,
     ".b_norm": _FULL,
@@ -183,7 +178,7 @@ DIFFUSERS_BLOCK_MARKERS: tuple[str, ...] = (
 
 
 def _known_suffixes() -> tuple[str, ...]:
-    suffixes = {ALPHA_SUFFIX, LORAX_CORE_SUFFIX, LORAX_SHAPE_SUFFIX, *UNSUPPORTED_SUFFIXES}
+    suffixes = {ALPHA_SUFFIX, LORAX_CORE_SUFFIX, LORAX_SHAPE_SUFFIX, *UNSUPPORTED_SUFFIXES, *LYCORIS_SUFFIXES}
     for style in PAIR_STYLES:
         suffixes.update((style.down, style.up))
     # Longest first, so ".lora_A.default.weight" is tried before ".lora_A.weight"-like tails.
