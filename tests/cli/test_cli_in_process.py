@@ -81,7 +81,7 @@ def test_nothing_transferable_unsupported_only(files, capsys):
     assert main(transfer_args(files)) == 2
     assert error_line(capsys) == (
         f"lorax_core transfer: error: {files.lora}: none of its 1 layers is a transferable LoRA layer "
-        "(1× LoHa adapter (hada_*): ΔW is a Hadamard product of two low-rank terms, not up·down; not transferable)."
+        "(1× incomplete LoHa layer: hada_w1_b, hada_w2_a, hada_w2_b missing; not transferable)."
     )
 
 

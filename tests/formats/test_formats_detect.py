@@ -20,7 +20,7 @@ GOLDEN = [
     ("comfy_native.safetensors", "comfy", 3, 0, "unknown"),
     ("diffusers_peft.safetensors", "peft", 2, 0, "unknown"),
     ("peft_default_adapter.safetensors", "peft", 1, 0, "flux"),
-    ("lycoris_mixed.safetensors", "kohya", 1, 5, "unknown"),
+    ("lycoris_mixed.safetensors", "kohya", 6, 0, "unknown"),
     ("lorax_core.safetensors", "lorax", 2, 0, "unknown"),
 ]
 
@@ -47,16 +47,25 @@ def test_golden_kohya_layers_keep_file_dtype_alpha_and_conv_layout(golden):
     assert lora.metadata["ss_base_model_version"] == "sd_v1"
 
 
-def test_golden_lycoris_unsupported_reasons(golden):
+def test_golden_lycoris_layers_are_read_by_type(golden):
+    """A mixed file (LoRA, LoHa, LoKr, DoRA, Tucker LoCon, .diff) is read layer by layer, each in its own type."""
+    from lorax_core.lycoris import LycorisLayer
+
     lora = read_lora(golden / "lycoris_mixed.safetensors")
-    reasons = lora.unsupported
-    assert "LoHa" in reasons["lora_unet_middle_block_1_proj_in"]
-    assert "LoKr" in reasons["lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q"]
-    assert "DoRA" in reasons["lora_unet_middle_block_1_transformer_blocks_0_attn1_to_k"]
-    assert "lora_mid" in reasons["lora_unet_middle_block_0_in_layers_2"]
-    assert ".diff" in reasons["lora_unet_out_2"]
-    assert all("not transferable" in r for r in reasons.values())
-    assert list(lora.layers) == ["lora_unet_middle_block_1_proj_out"]
+    assert lora.unsupported == {}
+    kinds = {name: getattr(layer, "kind", "plain") for name, layer in lora.layers.items()}
+    assert kinds == {
+        "lora_unet_middle_block_1_proj_out": "plain",
+        "lora_unet_middle_block_1_proj_in": "loha",
+        "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q": "lokr",
+        "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_k": "lora",
+        "lora_unet_middle_block_0_in_layers_2": "plain",
+        "lora_unet_out_2": "full",
+    }
+    tucker = lora.layers["lora_unet_middle_block_0_in_layers_2"]
+    assert not isinstance(tucker, LycorisLayer) and (tucker.out_features, tucker.in_features) == (16, 8 * 9)
+    lokr = lora.layers["lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q"]
+    assert (lokr.out_features, lokr.in_features) == (16, 16)
 
 
 def test_golden_lorax_cores(golden):
