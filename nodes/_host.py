@@ -40,7 +40,7 @@ from comfy.weight_adapter import LoRAAdapter
 from ..lorax_core.cache import DiskCache, MemoryCache, NullCache, SubspaceCache
 from ..lorax_core.errors import CacheError, FormatError, IncompatibleBaseError, OutputError, OutputExistsError
 from ..lorax_core.formats import LoraFile, parse_lora, read_lora, write_lora
-from ..lorax_core.formats.base import pair_tensors
+from ..lorax_core.formats.base import layer_tensors
 from ..lorax_core.formats.keys import COMFY_STYLE, KOHYA_TEXT_ENCODERS, split_key
 from ..lorax_core.matching import depth_mismatches
 from ..lorax_core.modelio import SafetensorsWeights, open_model
@@ -502,7 +502,7 @@ def wrap_result(result: TransferResult, plan: TransferPlan, lora: LoraFile, meta
     out = TransferredLora()
     out.layer_names = output_names(result, plan, lora.format)
     for key, factors in result.layers.items():
-        out.update(pair_tensors(_native_name(key, out.layer_names[key]), factors, COMFY_STYLE))
+        out.update(layer_tensors(_native_name(key, out.layer_names[key]), factors, COMFY_STYLE))
     out.factors = dict(result.layers)
     out.lora_file = LoraFile(format=lora.format, layers={}, styles=dict(lora.styles))
     out.metadata = dict(metadata)
