@@ -51,7 +51,7 @@ from .formats.keys import (
     PAIR_STYLES,
 )
 from .linalg import factored_norm
-from .types import LoraFactors
+from .types import LoraFactors, SkipReason, SkipText
 
 __all__ = [
     "LycorisLayer",
@@ -233,7 +233,19 @@ def _lokr(parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return torch.kron(u1.contiguous(), u2.contiguous()), torch.kron(d1.contiguous(), d2.contiguous()), dim
 
 
-def build_lycoris(layer: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer | LoraFactors | str | None:
+MALFORMED, UNSUPPORTED = SkipReason.MALFORMED, SkipReason.UNSUPPORTED
+
+
+def build_lycoris(layer: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer | LoraFactors | SkipText | None:
+    """Read one layer of a LyCORIS type (see :func:`_build`); a reason comes back as a
+    :class:`~lorax_core.types.SkipText` coded ``malformed_layer`` unless it says ``unsupported``."""
+    built = _build(layer, parts)
+    if isinstance(built, str) and not isinstance(built, SkipText):
+        return SkipText(built, MALFORMED)
+    return built
+
+
+def _build(layer: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer | LoraFactors | str | None:
     """Read one layer of a LyCORIS type, or ``None`` when ``parts`` holds none of their tensors.
 
     Args:
@@ -267,9 +279,12 @@ def build_lycoris(layer: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer
     if full:
         diff = parts.get(".diff")
         if diff is None:
-            return "bias-only patch (diff_b without diff): a bias has no subspace to transfer; not transferable"
+            return SkipText(
+                "bias-only patch (diff_b without diff): a bias has no subspace to transfer; not transferable",
+                UNSUPPORTED,
+            )
         if dora_scale is not None:
-            return "a full difference (diff) cannot carry a DoRA magnitude; not transferable"
+            return SkipText("a full difference (diff) cannot carry a DoRA magnitude; not transferable", UNSUPPORTED)
         if diff.ndim not in (2, 4):
             return f"full difference of shape {tuple(diff.shape)} is not a linear or conv weight; not transferable"
         up, down = _dense(_matrix(diff))

@@ -111,7 +111,11 @@ def plan_transfer(
         ShapeMismatchError: every resolved layer's shape differs from its source weight (the
             LoRA belongs to another base model).
     """
-    skipped = {name: Skip(SkipReason.UNSUPPORTED, reason) for name, reason in lora.unsupported.items()}
+    # A reader's reason may carry its own code (types.SkipText: a damaged layer is malformed_layer).
+    skipped = {
+        name: Skip(getattr(reason, "code", SkipReason.UNSUPPORTED), str(reason))
+        for name, reason in lora.unsupported.items()
+    }
     where = lora.path or "the LoRA"
     if not lora.layers:
         raise NothingTransferableError(

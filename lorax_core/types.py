@@ -38,6 +38,7 @@ __all__ = [
     "Method",
     "Skip",
     "SkipReason",
+    "SkipText",
     "Status",
     "TransferOptions",
     "TransferReport",
@@ -53,6 +54,22 @@ __all__ = [
 Method = Literal["auto", "lorax", "prolora", "exact", "project", "copy", "align"]
 METHODS: tuple[str, ...] = ("auto", "lorax", "prolora", "exact", "project", "copy", "align")
 Status = Literal["transferred", "skipped"]
+
+
+class SkipText(str):
+    """A per-layer skip phrase from a reader that also carries its report code.
+
+    The text is what the report shows; :attr:`code` is a :class:`SkipReason` value
+    (``malformed_layer`` or ``unsupported``) that planning records as the layer's code
+    (``pipeline.plan_transfer``). Behaves as a plain ``str`` everywhere else.
+    """
+
+    code: SkipReason
+
+    def __new__(cls, text: str, code: SkipReason) -> SkipText:
+        obj = super().__new__(cls, text)
+        obj.code = code
+        return obj
 
 
 @dataclass(frozen=True)
@@ -348,6 +365,10 @@ class SkipReason(str, Enum):
         "a base weight holds NaN, Inf or out-of-range values (the model file is damaged)",
     )
     OVERFLOW = "overflow", "the LoRA's values overflow float32 in this layer (implausibly large factors or alpha)"
+    MALFORMED = (
+        "malformed_layer",
+        "the layer's tensors are damaged or inconsistent (a missing half, mismatched shapes, NaN or Inf)",
+    )
 
     text: str
 

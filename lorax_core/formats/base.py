@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from ..errors import LoraxError, NonFiniteError
-from ..types import AdapterLayer, LoraFactors
+from ..types import AdapterLayer, LoraFactors, SkipReason, SkipText
 from .keys import ALPHA_SUFFIX, KOHYA_STYLE, PAIR_STYLES, UNSUPPORTED_SUFFIXES, KeyStyle
 
 __all__ = [
@@ -86,7 +86,20 @@ def pair_style(parts: LayerParts) -> KeyStyle | None:
     return None
 
 
-def build_pair(layer: str, parts: LayerParts) -> tuple[LoraFactors, KeyStyle] | str:
+def build_pair(layer: str, parts: LayerParts) -> tuple[AdapterLayer, KeyStyle] | SkipText:
+    """Build a standard or LyCORIS layer (:func:`_build_pair`); a reason comes back as a
+    :class:`~lorax_core.types.SkipText` coded ``unsupported`` (a type no reader here
+    understands) or ``malformed_layer`` (damaged or inconsistent tensors)."""
+    built = _build_pair(layer, parts)
+    if isinstance(built, SkipText):
+        return built
+    if isinstance(built, str):
+        code = SkipReason.UNSUPPORTED if any(s in UNSUPPORTED_SUFFIXES for s in parts) else SkipReason.MALFORMED
+        return SkipText(built, code)
+    return built
+
+
+def _build_pair(layer: str, parts: LayerParts) -> tuple[AdapterLayer, KeyStyle] | str:
     """Build a standard LoRA layer from its suffix → tensor map, or say why it cannot be.
 
     ``alpha`` is kept exactly as read (a 0-d or 1-element tensor → float); no scale is applied.

@@ -55,3 +55,23 @@ def test_one_reason_per_damaged_layer(tensors: dict[str, torch.Tensor], reason: 
     assert list(lora.unsupported) == [L]
     assert reason in lora.unsupported[L]
     assert lora.unsupported[L].endswith(("not transferable", "is missing"))
+
+
+def test_report_codes_say_damaged_or_unsupported() -> None:
+    """Planning codes a damaged LyCORIS layer ``malformed_layer`` and an unreadable type ``unsupported``."""
+    from lorax_core.pipeline import plan_transfer
+    from lorax_core.types import DictWeights, SkipReason
+
+    good = {
+        "diffusion_model.ok.lora_up.weight": torch.ones(8, 2),
+        "diffusion_model.ok.lora_down.weight": torch.ones(2, 8),
+    }
+    bad = {k.replace(L, "diffusion_model.bad"): v for k, v in _hada(hada_w1_a=NAN).items()}
+    oft = {"diffusion_model.rot.oft_blocks": torch.ones(2, 4, 4)}
+    lora = parse_lora({**good, **bad, **oft})
+    plan = plan_transfer(lora, DictWeights({"diffusion_model.ok.weight": torch.ones(8, 8)}))
+    assert {name: skip.code for name, skip in plan.skipped.items()} == {
+        "diffusion_model.bad": SkipReason.MALFORMED,
+        "diffusion_model.rot": SkipReason.UNSUPPORTED,
+    }
+    assert "NaN or Inf values in hada_w1_a" in str(plan.skipped["diffusion_model.bad"])
