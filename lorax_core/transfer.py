@@ -736,8 +736,10 @@ def _write_lycoris(
         cap=options.output_rank,
     )
     out = written.layer
-    entry.written_as, entry.truncation_error = written.written_as, written.error
-    entry.energy_kept = (entry.energy_kept or 1.0) * written.energy_kept
+    # Energy kept by output_rank in the re-factoring and by the write-back's truncation, together.
+    kept = (entry.energy_kept or 1.0) * written.energy_kept
+    entry.written_as, entry.energy_kept = written.written_as, kept
+    entry.truncation_error = written.error if kept >= 1.0 else math.sqrt(max(0.0, 1.0 - kept))
     if not isinstance(out, LycorisLayer) or not out.parts:
         entry.output_rank = out.rank
         entry.norm_target = factored_norm(out.up2d(), out.down2d(), out.scale)

@@ -501,8 +501,10 @@ class TransferReport:
         for r in shown:
             kept = "n/a" if r.energy_kept is None else f"{r.energy_kept:.3f}"
             chance = "n/a" if r.chance is None else f"{r.chance:.3f}"
+            written = "" if r.written_as is None else f", written as {r.written_as}"
             lines.append(
                 f"  {r.key}: {r.method}, Φ={phi(r):.3f} (chance {chance}), energy kept {kept}, rank {r.output_rank}"
+                f"{written}"
             )
         return "\n".join(lines)
 

@@ -191,3 +191,15 @@ def test_changed_lokr_is_written_as_a_lora_with_the_reported_truncation_error() 
     want = dora_magnitude(layers["e.weight"].dora_scale, source.get("e.weight"), target.get("e.weight"))
     assert torch.allclose(dora.dora_scale, want)
     assert math.isfinite(sum(r.truncation_error or 0.0 for r in cut.report.layers))
+
+
+def test_output_rank_caps_a_lycoris_layer_and_its_error_is_reported() -> None:
+    layers = _mixed()
+    w = DictWeights(_weights(1, SHAPES))
+    result = transfer_adapter({"d.weight": layers["d.weight"]}, w, w, TransferOptions(rank=8, output_rank=2))
+    (row,) = result.report.layers
+    assert (row.written_as, row.output_rank) == ("lora", 2)
+    exact = _dense(layers["d.weight"])
+    error = float((_dense(result.layers["d.weight"]) - exact).norm() / exact.norm())
+    assert error == pytest.approx(row.truncation_error, abs=1e-4)
+    assert row.energy_kept == pytest.approx(1 - row.truncation_error**2)
