@@ -3,20 +3,21 @@
 Every adapter type ComfyUI v0.3.75 applies through ``comfy/weight_adapter`` (and the ``.diff``
 patch of ``comfy/lora.py``) is read here into the one form the transfer works on, an exact
 ``ΔW = scale · up @ down`` on the flattened ``(out, in·kh·kw)`` weight, plus what is needed to
-write the layer back in its own type. The identities used (no ``(m, n)`` matrix is formed):
+write the layer back in its own type. The identities used (no ``(m, n)`` matrix is formed,
+except where the densification note below says so):
 
-* **LoHa** (Hyeon-Woo et al., FedPara, arXiv 2108.06098, Eq. 2; LyCORIS ``hada_*``):
+* **LoHa** (the low-rank Hadamard product of FedPara, Hyeon-Woo et al., arXiv 2108.06098; LyCORIS ``hada_*``):
   ``ΔW = (w1a w1b) ∘ (w2a w2b)``. The Hadamard product of two products is one product of
   face-splitting (row-wise Khatri–Rao) factors: ``up[i, (k,l)] = w1a[i,k]·w2a[i,l]`` and
   ``down[(k,l), j] = w1b[k,j]·w2b[l,j]``, so ``ΔW = up @ down`` with rank ``r1·r2``.
-* **LoKr** (Yeh et al., LyCORIS, arXiv 2309.14859, §3.2; ``lokr_*``): ``ΔW = w1 ⊗ w2``. With each
+* **LoKr** (the Kronecker adapter of LyCORIS, Yeh et al., arXiv 2309.14859; ``lokr_*``): ``ΔW = w1 ⊗ w2``. With each
   factor written as a product ``w1 = u1 d1`` and ``w2 = u2 d2`` (its two LoRA halves, or the
   identity on its shorter side for a full block), the mixed-product rule
   ``(u1 d1) ⊗ (u2 d2) = (u1 ⊗ u2)(d1 ⊗ d2)`` gives ``up = u1 ⊗ u2``, ``down = d1 ⊗ d2``.
-* **Tucker** conv (``lora_mid``, ``hada_t1/t2``, ``lokr_t2``; LyCORIS §3.3): the core folds into
+* **Tucker** conv (``lora_mid``, ``hada_t1/t2``, ``lokr_t2``: a Tucker-2 core over the kernel): the core folds into
   the down half, ``down'[a, (c,h,w)] = Σ_b core[a, b, h, w] · down[b, c]``, which keeps the rank.
 * **Full** (``.diff``): the difference itself is the update; it is held as ``up = ΔW``,
-  ``down = I`` (or the transpose arrangement on the shorter side) — the one type that is dense.
+  ``down = I`` (or the transpose arrangement on the shorter side) — dense by nature.
 * **DoRA** (Liu et al., arXiv 2402.09353, Eq. 5): any of the above with a ``dora_scale``
   magnitude; see :func:`dora_magnitude` for how it is re-derived on the target.
 
@@ -40,9 +41,7 @@ import torch
 
 from .errors import LoraxError
 from .formats.keys import (
-    ALPHA_SUFFIX as _ALPHA,
-)
-from .formats.keys import (
+    ALPHA_SUFFIX,
     DORA_SUFFIX,
     FULL_SUFFIXES,
     LOHA_SUFFIXES,
@@ -112,16 +111,14 @@ def _tucker_down(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 
 def _eye_product(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A full block ``w`` ``(p, q)`` as ``u @ d`` with the identity on its shorter side (rank ``min(p, q)``)."""
+    """A full matrix ``w`` ``(p, q)`` as ``u @ d`` with the identity on its shorter side (rank ``min(p, q)``).
+
+    For a LoKr block this is exact and small; for a whole layer (``.diff``, a densified LoKr/LoHa)
+    it is the densification the module docstring prices."""
     p, q = w.shape
     if p <= q:
         return torch.eye(p, dtype=w.dtype), w
     return w, torch.eye(q, dtype=w.dtype)
-
-
-def _dense(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A dense ``(m, n)`` update as factors of rank ``min(m, n)`` (see the module docstring's cost note)."""
-    return _eye_product(delta)
 
 
 def _check_finite(parts: Mapping[str, torch.Tensor]) -> str:
@@ -134,7 +131,7 @@ def _check_finite(parts: Mapping[str, torch.Tensor]) -> str:
 
 
 def _alpha(parts: Mapping[str, torch.Tensor]) -> tuple[float | None, str]:
-    t = parts.get(_ALPHA)
+    t = parts.get(ALPHA_SUFFIX)
     if t is None:
         return None, ""
     if t.numel() != 1:
@@ -268,13 +265,13 @@ def _build(layer: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer | Lora
     kinds = [name for name, present in (("LoHa", hada), ("LoKr", lokr), ("full diff", full), ("LoRA", pair)) if present]
     if len(kinds) > 1:
         return f"the layer mixes adapter types ({', '.join(kinds)}); ComfyUI would apply only one; not transferable"
-    reason = _check_finite({k: v for k, v in parts.items() if k != _ALPHA})
+    reason = _check_finite({k: v for k, v in parts.items() if k != ALPHA_SUFFIX})
     if reason:
         return reason
     alpha, reason = _alpha(parts)
     if reason:
         return reason
-    dtype = next(t.dtype for k, t in parts.items() if k != _ALPHA)
+    dtype = next(t.dtype for k, t in parts.items() if k != ALPHA_SUFFIX)
     dora_scale = parts.get(DORA_SUFFIX)
     if full:
         diff = parts.get(".diff")
@@ -287,7 +284,7 @@ def _build(layer: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer | Lora
             return SkipText("a full difference (diff) cannot carry a DoRA magnitude; not transferable", UNSUPPORTED)
         if diff.ndim not in (2, 4):
             return f"full difference of shape {tuple(diff.shape)} is not a linear or conv weight; not transferable"
-        up, down = _dense(_matrix(diff))
+        up, down = _eye_product(_matrix(diff))
         return LycorisLayer(up=up, down=down, kind="full", parts=dict(parts), densified=True, file_dtype=dtype)
     if hada or lokr:
         built = _loha(parts) if hada else _lokr(parts)
@@ -299,7 +296,7 @@ def _build(layer: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer | Lora
         # the dense product is no larger, and smaller when the rank exceeds min(m, n).
         densified = up.shape[1] >= min(up.shape[0], down.shape[1])
         if up.shape[1] > min(up.shape[0], down.shape[1]):
-            up, down = _dense(up @ down)
+            up, down = _eye_product(up @ down)
         # LoraFactors.scale is alpha / rank: alpha = scale · K carries ComfyUI's alpha / dim.
         scale_alpha = None if scale == 1.0 else scale * up.shape[1]
         return LycorisLayer(

@@ -594,11 +594,9 @@ def _transfer_one(
             up=layer.up2d().to(device=device, dtype=torch.float32) * layer.scale,
             down=layer.down2d().to(device=device, dtype=torch.float32),
         )
-    magnitude = None
-    if isinstance(layer, LycorisLayer):  # DoRA's magnitude is re-derived from both base weights
 
-        def magnitude(m: torch.Tensor) -> torch.Tensor:
-            return dora_magnitude(m, source.get(key), target.get(geo.target_key))
+    def magnitude(m: torch.Tensor) -> torch.Tensor:  # a DoRA layer's magnitude, re-derived from both base weights
+        return dora_magnitude(m, source.get(key), target.get(geo.target_key))
 
     return _finish(flat, method, layer, geo, options, entry, notes, magnitude)
 
@@ -682,7 +680,7 @@ def _finish(
     options: TransferOptions,
     entry: LayerReport,
     notes: list[str],
-    magnitude: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    magnitude: Callable[[torch.Tensor], torch.Tensor],
 ) -> LoraFactors:
     """Re-factor at the true rank, check the result, record it and give it the target's layout and the LoRA's dtype.
 
@@ -722,7 +720,7 @@ def _write_lycoris(
     options: TransferOptions,
     entry: LayerReport,
     notes: list[str],
-    magnitude: Callable[[torch.Tensor], torch.Tensor] | None,
+    magnitude: Callable[[torch.Tensor], torch.Tensor],
 ) -> LoraFactors:
     """A transferred LyCORIS layer in its own type, or as a LoRA (:func:`lorax_core.lycoris.write_back`)."""
     written = write_back(
@@ -731,7 +729,7 @@ def _write_lycoris(
         down,
         copied=method == "copy",
         restore=lambda u, d: restore_layout(u, d, geo.target_shape, layer.file_dtype),
-        magnitude=magnitude or (lambda m: m),
+        magnitude=magnitude,
         energy=options.lycoris_energy,
         cap=options.output_rank,
     )
