@@ -186,6 +186,9 @@ def test_transfer_matches_a_dense_reference(
             gain = lora[f"{name}.dora_scale"].double().reshape(-1, 1) / flat.norm(dim=1, keepdim=True)
         else:
             delta = (source_patched[key] - ws[key]).reshape(flat.shape)
+            if not bool(delta.any()):  # ComfyUI's Tucker LoKr conv failure (see the round-trip test)
+                assert (kind, key) == ("lokr_tucker", "diffusion_model.input_blocks.1.0.in_layers.2.weight")
+                continue
         moved = delta if row["method"] == "copy" else _exact(delta, ws[key], wt[key])
         tflat = wt[key].reshape(flat.shape)
         got = target_patched[key].reshape(flat.shape)
