@@ -123,6 +123,8 @@ def _eye_product(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_finite(parts: Mapping[str, torch.Tensor]) -> str:
     for suffix, tensor in sorted(parts.items()):
+        if tensor.numel() == 0 or tensor.ndim == 0:
+            return f"{suffix.lstrip('.')} has shape {tuple(tensor.shape)}: no values (the file is damaged); not transferable"
         if not tensor.is_floating_point():
             return f"{suffix.lstrip('.')} must be floating point; got {tensor.dtype}; not transferable"
         if not bool(torch.isfinite(tensor).all()):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorax_core.formats import parse_lora
+from lorax_core.formats.keys import LYCORIS_SUFFIXES
 
 GOOD = {"lora_unet_ok.lora_up.weight": torch.ones(8, 2), "lora_unet_ok.lora_down.weight": torch.ones(2, 8)}
 L = "lora_unet_bad"
@@ -75,3 +78,27 @@ def test_report_codes_say_damaged_or_unsupported() -> None:
         "diffusion_model.rot": SkipReason.UNSUPPORTED,
     }
     assert "NaN or Inf values in hada_w1_a" in str(plan.skipped["diffusion_model.bad"])
+
+
+_SUFFIXES = (*LYCORIS_SUFFIXES, ".lora_up.weight", ".lora_down.weight", ".alpha")
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.dictionaries(
+        st.sampled_from(_SUFFIXES),
+        st.lists(st.integers(min_value=0, max_value=4), min_size=0, max_size=4),
+        min_size=1,
+        max_size=7,
+    )
+)
+def test_any_mix_of_lycoris_tensors_reads_or_says_why(shapes: dict[str, list[int]]) -> None:
+    """Random LyCORIS suffix sets and shapes: the layer is read (and its update finite) or reported, never raised."""
+    tensors = {f"{L}{suffix}": torch.ones(tuple(shape)) for suffix, shape in shapes.items()}
+    lora = parse_lora({**GOOD, **tensors})
+    assert "lora_unet_ok" in lora.layers
+    if L in lora.layers:
+        layer = lora.layers[L]
+        assert bool(torch.isfinite(layer.up).all()) and bool(torch.isfinite(layer.down).all())
+    else:
+        assert lora.unsupported[L]
