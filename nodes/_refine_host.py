@@ -159,6 +159,14 @@ def refinable_layers(transferred: Any, target: Any) -> dict[str, LoraFactors]:
             "connect the lora output of Transfer LoRA (its method copy takes a LoRA that already fits the target)."
         )
     layers = {k: f for k, f in transferred.factors.items() if k.startswith(_host.UNET_PREFIX)}
+    # DoRA re-normalises the patched weight (lorax_core.lycoris.dora_magnitude): its effect is not
+    # the additive up·down this refinement distils, and a refined pair would lose the magnitude.
+    dora = sorted(k for k, f in layers.items() if getattr(f, "dora_scale", None) is not None)
+    if dora:
+        raise FormatError(
+            f"{dora[0]} and {len(dora) - 1} other transferred layers carry a DoRA magnitude; refinement distils additive "
+            "LoRA updates only. Use the Transfer LoRA result as it is, or transfer a LoRA without DoRA."
+        )
     if not layers:
         raise NothingTransferableError(
             f"the transferred LoRA has no diffusion-model layer to refine ({len(transferred.factors)} text-encoder "

@@ -59,3 +59,20 @@ def test_lycoris_file_transfers_and_loads_in_stock_comfyui(tiny, target_checkpoi
     assert set(stock.patches) == set(lora.factors)
     assert "lora key not loaded" not in caplog.text
     assert all(torch.isfinite(t).all() for t in lora.values())
+
+
+def test_refine_refuses_dora_layers_by_name():
+    """A transferred DoRA layer is not an additive update: refinement says so instead of dropping the magnitude."""
+    host, refine = pack_module("nodes._host"), pack_module("nodes._refine_host")
+    lycoris, errors = pack_module("lorax_core.lycoris"), pack_module("lorax_core.errors")
+    transferred = host.TransferredLora()
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    transferred.factors = {
+        key: lycoris.LycorisLayer(up=torch.ones(4, 1), down=torch.ones(1, 4), kind="lora", dora_scale=torch.ones(4, 1))
+    }
+    with pytest.raises(errors.FormatError) as raised:
+        refine.refinable_layers(transferred, None)
+    assert str(raised.value) == (
+        f"{key} and 0 other transferred layers carry a DoRA magnitude; refinement distils additive LoRA updates only. "
+        "Use the Transfer LoRA result as it is, or transfer a LoRA without DoRA."
+    )
