@@ -605,11 +605,21 @@ def _comfyui_key_map(
     error = answer.get("error")
     if isinstance(error, dict):
         raise _bridge_error(root, model_path, str(error.get("kind")), str(error.get("message", "")))
-    key_map: KeyMap = {
-        str(name): (target[0], tuple(target[1])) if isinstance(target, list) else str(target)
-        for name, target in answer["key_map"].items()
-    }
+    key_map: KeyMap = {str(name): _decode_target(target) for name, target in answer["key_map"].items()}
     return key_map, _renamer(answer.get("renames"), answer.get("extra") or {})
+
+
+def _decode_target(target: object) -> str | tuple[object, ...]:
+    """A key-map entry from the bridge's JSON (``nodes/_comfy_keymap.encode_target``), as ComfyUI holds it.
+
+    ``[key, [dim, offset, size]]`` becomes ``(key, (dim, offset, size))``; a converted weight
+    ``[key, slice or null, "function name"]`` keeps the function's name in third place, which
+    :func:`lorax_core.formats.resolve.resolve_layers` reports per layer.
+    """
+    if not isinstance(target, list):
+        return str(target)
+    key, piece, *functions = target
+    return (str(key), None if piece is None else tuple(piece), *functions)
 
 
 def _bridge_error(root: Path, model_path: Path, kind: str, message: str) -> LoraxError:

@@ -14,7 +14,7 @@ from the LoRA's header).
 
 The answer (one line of JSON)::
 
-    {"key_map": {LoRA layer name: model key | [model key, [dim, offset, size]]},
+    {"key_map": {LoRA layer name: model key | [model key, [dim, offset, size] | null, function name?]},
      "renames": {new tensor name: LoRA tensor name} | null,      # null: convert_lora keeps the names
      "extra": {new tensor name: {"dtype": str, "values": nested list}}}   # tensors convert_lora makes
     {"error": {"kind": "import" | "unrecognised" | "failed" | "format", "message": str}}
@@ -35,6 +35,23 @@ from typing import Any
 import torch
 
 KeyMap = dict[str, str | tuple[str, object]]
+
+
+def encode_target(target: str | tuple[object, ...]) -> str | list[object]:
+    """One key-map entry as JSON: every kind ComfyUI's key maps hold.
+
+    * ``"model key"``: the whole weight;
+    * ``(model key, (dim, offset, size))``: a slice of a fused weight (Flux ``qkv``/``linear1``);
+    * ``(model key, slice or None, function)``: a weight ComfyUI *converts* when it applies the
+      LoRA (``comfy.utils.swap_scale_shift`` for the adaLN ``norm_out`` layers of Flux/SD3): the
+      function travels by its name, ``[model key, slice or null, "swap_scale_shift"]``.
+    """
+    if not isinstance(target, tuple):
+        return str(target)
+    key, piece, *functions = target
+    out: list[object] = [str(key), None if piece is None else list(piece)]  # type: ignore[call-overload]
+    out.extend(None if f is None else getattr(f, "__name__", repr(f)) for f in functions)
+    return out
 
 
 def key_map_from_header(
@@ -266,7 +283,7 @@ def _answer(args: argparse.Namespace) -> dict[str, object]:
     except Exception as exc:  # ComfyUI raises plain KeyError/RuntimeError on layouts it half-recognises
         return {"error": {"kind": "failed", "message": f"{type(exc).__name__}: {exc}"}}
     return {
-        "key_map": {name: [t[0], list(t[1])] if isinstance(t, tuple) else t for name, t in key_map.items()},
+        "key_map": {name: encode_target(t) for name, t in key_map.items()},
         "renames": renames,
         "extra": extra,
     }

@@ -146,6 +146,8 @@ def _resolve_one(
     mapped = next((s for s in spellings if s in key_map), None) if key_map is not None else None
     if key_map is not None and mapped is not None:
         target = key_map[mapped]
+        if isinstance(target, tuple) and len(target) > 2 and target[2] is not None:
+            return None, _converted_reason(target)
         if isinstance(target, tuple):
             return _resolve_slice(target, keys)
         if target in keys:
@@ -196,6 +198,20 @@ def name_spellings(name: str) -> list[str]:
     for form in list(forms):
         forms.extend(form[: -len(tail)] + comfy for tail, comfy in DIFFUSERS_ATTENTION_SPELLINGS if form.endswith(tail))
     return forms
+
+
+def _converted_reason(target: tuple[object, ...]) -> str:
+    """Why a key-map entry ``(model key, slice, function)`` is not transferred.
+
+    ComfyUI applies such a layer's ΔW through ``function`` (``swap_scale_shift``, which swaps the
+    shift and scale halves of the adaLN ``norm_out`` rows of Flux/SD3), so the LoRA's factors
+    live in a row order the model weight does not have; the subspaces would be paired wrongly.
+    """
+    function = target[2] if isinstance(target[2], str) else getattr(target[2], "__name__", repr(target[2]))
+    return (
+        f"ComfyUI converts this layer's update ({function}) before adding it to {target[0]}, so its factors "
+        "do not lie in the weight's row order; converted layers are not transferred"
+    )
 
 
 def _resolve_slice(target: tuple[str, object], keys: set[str]) -> tuple[str | None, str]:
