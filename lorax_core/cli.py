@@ -30,7 +30,7 @@ from .errors import (
 from .formats import looks_like_lora, read_keys, read_lora, write_lora
 from .formats.family import guess_family
 from .formats.io import check_output_path, same_path, write_text
-from .modelio import SafetensorsWeights, open_model
+from .modelio import FileWeights, SafetensorsWeights, open_model
 from .pipeline import ModelInfo, check_source_bases, output_metadata, output_names, plan_transfer
 from .types import METHODS, LoraFactors, TransferOptions, check_device, json_safe
 from .version import TOOL_VERSION
@@ -522,7 +522,7 @@ def _cache(args: argparse.Namespace) -> object:
     return open_cache(args.cache_dir, enabled=not args.no_cache)
 
 
-def _model_info(weights: SafetensorsWeights) -> ModelInfo:
+def _model_info(weights: FileWeights) -> ModelInfo:
     """A model file as provenance metadata names it (file name, fingerprint, guessed family)."""
     family = guess_family(weights.file_shapes, weights.metadata) or ""
     return ModelInfo(name=weights.path.name, fingerprint=weights.fingerprint, family=family)

@@ -60,9 +60,26 @@ import torch
 
 from .errors import FormatError, NonFiniteError
 from .formats.io import SAFETENSORS_DTYPES, read_header
+from .quant import (
+    FP8_DTYPES,
+    SCALE_INPUT,
+    SCALE_WEIGHT,
+    SCALED_FP8_MARKER,
+    check_scale,
+    dequantize_scaled_fp8,
+    nonfinite_count,
+)
 from .slices import parse_slice_key
 
-__all__ = ["FileTensor", "SafetensorsWeights", "file_fingerprint", "model_key_map", "open_model", "tensor_views"]
+__all__ = [
+    "FileTensor",
+    "FileWeights",
+    "SafetensorsWeights",
+    "file_fingerprint",
+    "model_key_map",
+    "open_model",
+    "tensor_views",
+]
 
 _TEXT_ENCODER_RENAMES: tuple[tuple[str, str], ...] = (
     ("cond_stage_model.transformer.", "text_encoders.clip_l.transformer."),
@@ -202,34 +219,24 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
-class SafetensorsWeights:
-    """A lazy :class:`~lorax_core.types.WeightSource` over one ``.safetensors`` model file.
+class FileWeights:
+    """A lazy :class:`~lorax_core.types.WeightSource` over one model file: what every file format shares.
 
-    ``get`` returns the stored dtype on CPU (callers upcast to float32 themselves). The file
-    tensor is read with a positional file read, so nothing stays mapped between calls.
+    Holds the ``{model key: FileTensor}`` views (:func:`tensor_views`) and the slice keys of
+    fused weights; a subclass reads one file tensor (or a row range of it) in :meth:`_read`.
+    :meth:`get` then checks the values (one float32 copy of the layer for fp8, never the model).
 
     Args:
-        path: the model file. Pickle files (``.ckpt``/``.pt``/``.bin``…) are refused.
-
-    Raises:
-        FormatError: missing, corrupt or truncated file; UnsafeFileError for pickles.
-        NonFiniteError: from :meth:`get`, for a weight that holds NaN or Inf.
+        path: the model file.
+        shapes: ``{tensor name in the file: shape}`` (the shape ComfyUI gives the tensor).
+        metadata: the file's string metadata.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        header, self.metadata = read_header(self.path)
-        self._shapes = {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()}  # type: ignore[union-attr]
-        self._files = tensor_views(list(header), self._shapes)
-        self._entries = header
-        # Tensor data starts after the 8-byte length prefix and the JSON header.
-        try:
-            with self.path.open("rb") as fh:
-                self._data_start = 8 + int.from_bytes(fh.read(8), "little")
-        except OSError as exc:
-            raise FormatError(
-                f"{self.path}: cannot read the file ({exc.strerror or exc}); check its permissions."
-            ) from None
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.metadata = metadata
+        self._shapes = shapes
+        self._files = tensor_views(list(shapes), shapes)
         self._fingerprint: str | None = None
 
     @property
@@ -267,54 +274,29 @@ class SafetensorsWeights:
         return shape if view.rows is None else (view.rows, *shape[1:])
 
     def get(self, key: str) -> torch.Tensor:
+        """The weight (or row slice) on CPU: the stored dtype, or float32 where the file quantises it.
+
+        fp8 stays fp8 (every consumer upcasts one layer at a time); ComfyUI's scaled fp8 and GGUF
+        come back dequantised to float32, as ComfyUI computes them.
+
+        Raises:
+            FormatError: unreadable, truncated or malformed tensor; NonFiniteError: NaN or Inf.
+        """
         view = self._files[self._check(key)]
-        name = view.name
-        entry = self._entries[name]
-        dtype = SAFETENSORS_DTYPES[str(entry["dtype"])]  # read_header admitted only known names
-        # Integer and bool tensors are never base weights (step counters, token ids...).
-        if not dtype.is_floating_point:
-            raise FormatError(
-                f"{self.path}: tensor {name!r} has dtype {entry['dtype']!r}, which is not a weight dtype "
-                "(expected F16, BF16, F32, F64 or F8); check that the file is a model."
-            )
-        start, end = (int(v) for v in entry["data_offsets"])  # type: ignore[union-attr]
-        shape = self.shape(key)
-        if view.rows is not None:
-            # A row slice of a row-major tensor is one contiguous byte range.
-            row_bytes = (end - start) // max(1, self._shapes[name][0])
-            start += view.start * row_bytes
-            end = start + view.rows * row_bytes
-        # A plain positional read instead of safetensors' memory map: every page a mmap view
-        # touches stays resident until the file is closed, so streaming a whole UNet through
-        # get_tensor grows the process by the model's size (measured on 60 SD1.5 layers: +346 MB
-        # file-backed memory with the map, +24 MB with this read; benchmarks/results/PERF.md).
-        buffer = bytearray(end - start)
-        try:
-            with self.path.open("rb") as fh:
-                fh.seek(self._data_start + start)
-                got = fh.readinto(buffer)
-        except OSError as exc:
-            raise FormatError(
-                f"{self.path}: could not read tensor {name!r} ({exc}); the file may be corrupt."
-            ) from None
-        if got != len(buffer):
-            raise FormatError(
-                f"{self.path}: truncated: tensor {name!r} needs {len(buffer)} bytes but only {got} could be read. "
-                "Re-download or re-save the file."
-            )
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        tensor = self._read(view, self.shape(key))
         # Checked where the data enters: a NaN would otherwise flow into the SVD and come out as
         # a meaningless similarity (min(1.0, nan) reads 1.0) or a LinAlgError.
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
+        bad = nonfinite_count(tensor)
+        if bad:
             raise NonFiniteError(
-                f"{self.path}: weight {name!r} holds {bad} NaN or Inf values of {tensor.numel()}; the model file is "
-                "damaged (or was saved after a diverged fine-tune). Re-download it, or use another model."
+                f"{self.path}: weight {view.name!r} holds {bad} NaN or Inf values of {tensor.numel()}; the model file "
+                "is damaged (or was saved after a diverged fine-tune). Re-download it, or use another model."
             )
         return tensor
+
+    def _read(self, view: FileTensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The values of ``view`` (``shape``), on CPU; the subclass's file format."""
+        raise NotImplementedError
 
     def add_slices(self, keys: Iterable[str]) -> None:
         """List the slice keys among ``keys`` that fit this file (see :meth:`_add_slice`); others are ignored.
@@ -353,9 +335,106 @@ class SafetensorsWeights:
         return key
 
     def __repr__(self) -> str:
-        return f"SafetensorsWeights({str(self.path)!r}, {len(self._files)} tensors)"
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self._files)} tensors)"
 
 
-def open_model(path: str | os.PathLike[str]) -> SafetensorsWeights:
-    """Open a base model for lazy reading (see :class:`SafetensorsWeights`)."""
+class SafetensorsWeights(FileWeights):
+    """A lazy weight source over one ``.safetensors`` model file.
+
+    ``get`` returns the stored dtype on CPU (callers upcast to float32 themselves); fp8 weights
+    of ComfyUI's *scaled* fp8 layout (a ``scaled_fp8`` marker, per-layer ``scale_weight``) come
+    back dequantised to float32 exactly as ComfyUI computes them (:mod:`lorax_core.quant`). The
+    file tensor is read with a positional file read, so nothing stays mapped between calls.
+
+    Args:
+        path: the model file. Pickle files (``.ckpt``/``.pt``/``.bin``…) are refused.
+
+    Raises:
+        FormatError: missing, corrupt or truncated file; UnsafeFileError for pickles; from
+            :meth:`get`, a scaled-fp8 layer whose scale is missing or not one number.
+        NonFiniteError: from :meth:`get`, for a weight (or scale) that holds NaN or Inf.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        p = Path(path)
+        header, metadata = read_header(p)
+        shapes = {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()}  # type: ignore[union-attr]
+        super().__init__(p, shapes, metadata)
+        self._entries = header
+        #: ComfyUI's scaled-fp8 layout: a ``[prefix]scaled_fp8`` marker tensor.
+        self.scaled_fp8 = any(n == SCALED_FP8_MARKER or n.endswith(f".{SCALED_FP8_MARKER}") for n in header)
+        # Tensor data starts after the 8-byte length prefix and the JSON header.
+        try:
+            with self.path.open("rb") as fh:
+                self._data_start = 8 + int.from_bytes(fh.read(8), "little")
+        except OSError as exc:
+            raise FormatError(
+                f"{self.path}: cannot read the file ({exc.strerror or exc}); check its permissions."
+            ) from None
+
+    def _read(self, view: FileTensor, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = self._read_bytes(view, shape)
+        if self.scaled_fp8 and view.name.endswith(".weight") and tensor.dtype in FP8_DTYPES:
+            module = view.name[: -len("weight")]
+            scales = {s: self._scale(module + s) for s in (SCALE_WEIGHT, SCALE_INPUT)}
+            check_scale(scales[SCALE_WEIGHT], where=str(self.path), name=module + SCALE_WEIGHT, required=True)
+            check_scale(scales[SCALE_INPUT], where=str(self.path), name=module + SCALE_INPUT, required=False)
+            tensor = dequantize_scaled_fp8(tensor, scales[SCALE_WEIGHT])  # type: ignore[arg-type]
+        return tensor
+
+    def _scale(self, name: str) -> torch.Tensor | None:
+        """A scale tensor of the file by name (``None`` if absent); read as stored, any dtype."""
+        if name not in self._entries:
+            return None
+        entry = self._entries[name]
+        dtype = SAFETENSORS_DTYPES[str(entry["dtype"])]
+        return self._read_bytes(FileTensor(name), self._shapes[name], dtype=dtype)
+
+    def _read_bytes(self, view: FileTensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stored values of ``view`` (a tensor or a row range of one), with one positional read."""
+        name = view.name
+        entry = self._entries[name]
+        stored = SAFETENSORS_DTYPES[str(entry["dtype"])]  # read_header admitted only known names
+        # Integer and bool tensors are never base weights (step counters, token ids...).
+        if dtype is None and not stored.is_floating_point:
+            raise FormatError(
+                f"{self.path}: tensor {name!r} has dtype {entry['dtype']!r}, which is not a weight dtype "
+                "(expected F16, BF16, F32, F64 or F8); check that the file is a model."
+            )
+        start, end = (int(v) for v in entry["data_offsets"])  # type: ignore[union-attr]
+        if view.rows is not None:
+            # A row slice of a row-major tensor is one contiguous byte range.
+            row_bytes = (end - start) // max(1, self._shapes[name][0])
+            start += view.start * row_bytes
+            end = start + view.rows * row_bytes
+        # A plain positional read instead of safetensors' memory map: every page a mmap view
+        # touches stays resident until the file is closed, so streaming a whole UNet through
+        # get_tensor grows the process by the model's size (measured on 60 SD1.5 layers: +346 MB
+        # file-backed memory with the map, +24 MB with this read; benchmarks/results/PERF.md).
+        buffer = bytearray(end - start)
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self._data_start + start)
+                got = fh.readinto(buffer)
+        except OSError as exc:
+            raise FormatError(
+                f"{self.path}: could not read tensor {name!r} ({exc}); the file may be corrupt."
+            ) from None
+        if got != len(buffer):
+            raise FormatError(
+                f"{self.path}: truncated: tensor {name!r} needs {len(buffer)} bytes but only {got} could be read. "
+                "Re-download or re-save the file."
+            )
+        if not buffer:
+            return torch.empty(shape, dtype=stored)
+        return torch.frombuffer(buffer, dtype=stored).reshape(shape)
+
+
+def open_model(path: str | os.PathLike[str]) -> FileWeights:
+    """Open a base model for lazy reading: ``.gguf`` files with :class:`~.gguf_model.GGUFWeights`,
+    everything else as :class:`SafetensorsWeights` (which refuses pickles)."""
+    if Path(path).suffix.lower() == ".gguf":
+        from .gguf_model import GGUFWeights  # imports the optional gguf package
+
+        return GGUFWeights(path)
     return SafetensorsWeights(path)

@@ -48,6 +48,7 @@ from .errors import (
 from .linalg import Subspace, factored_norm, recompress
 from .lycoris import LycorisLayer, dora_magnitude, write_back
 from .matching import LayerMatch, match_layers
+from .quant import nonfinite_count
 from .similarity import (
     LayerSimilarity,
     SimilarityTable,
@@ -291,7 +292,7 @@ def restore_layout(up2d: torch.Tensor, down2d: torch.Tensor, shape: tuple[int, .
     """
     up = up2d.to(device="cpu", dtype=dtype)
     down = down2d.to(device="cpu", dtype=dtype)
-    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+    if nonfinite_count(up) or nonfinite_count(down):  # fp8 LoRAs: e4m3fn overflows to NaN
         up, down = up2d.to(device="cpu", dtype=torch.float32), down2d.to(device="cpu", dtype=torch.float32)
     if len(shape) == 4:
         up = up.reshape(up.shape[0], up.shape[1], 1, 1)
@@ -696,7 +697,7 @@ def _finish(
     if up.shape[1] == 0:
         entry.norm_target = 0.0
         raise _Skip(SkipReason.PROJECTED_ZERO, f"method {method}")
-    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+    if nonfinite_count(up) or nonfinite_count(down):
         raise _Skip(SkipReason.OVERFLOW, f"method {method} produced NaN or Inf factors")
     entry.status = "transferred"
     entry.energy_kept = energy

@@ -43,7 +43,7 @@ from ..lorax_core.formats import LoraFile, parse_lora, read_lora, write_lora
 from ..lorax_core.formats.base import layer_tensors
 from ..lorax_core.formats.keys import COMFY_STYLE, KOHYA_TEXT_ENCODERS, split_key
 from ..lorax_core.matching import depth_mismatches
-from ..lorax_core.modelio import SafetensorsWeights, open_model
+from ..lorax_core.modelio import FileWeights, open_model
 from ..lorax_core.pipeline import TransferPlan, output_names
 from ..lorax_core.pipeline import plan_transfer as core_plan_transfer
 from ..lorax_core.slices import WeightSlice, parse_slice_key, slice_from_comfy
@@ -171,7 +171,7 @@ class SourceModel:
     """
 
     name: str
-    weights: SafetensorsWeights
+    weights: FileWeights
     family: str | None
 
     @property
@@ -199,7 +199,7 @@ def source_fingerprint(name: str) -> str:
     return f"missing:{name}"
 
 
-def _detect_family(weights: SafetensorsWeights) -> str | None:
+def _detect_family(weights: FileWeights) -> str | None:
     """ComfyUI's own family detection, on shapes only (meta tensors: nothing is read)."""
     meta = {
         k[len(UNET_PREFIX) :]: torch.empty(weights.shape(k), device="meta")

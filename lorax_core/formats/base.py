@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from ..errors import LoraxError, NonFiniteError
+from ..quant import nonfinite_count
 from ..types import AdapterLayer, LoraFactors, SkipReason, SkipText
 from .keys import ALPHA_SUFFIX, KOHYA_STYLE, PAIR_STYLES, UNSUPPORTED_SUFFIXES, KeyStyle
 
@@ -145,7 +146,7 @@ def _build_pair(layer: str, parts: LayerParts) -> tuple[AdapterLayer, KeyStyle] 
     if factors.rank == 0:
         return "rank-0 LoRA layer (its factors have no columns: it changes nothing); not transferable"
     for suffix, tensor in ((style.up, up), (style.down, down)):
-        if not bool(torch.isfinite(tensor).all()):
+        if nonfinite_count(tensor):  # fp8 factors are checked on a float32 copy
             return f"NaN or Inf values in {suffix.lstrip('.')} (the file is damaged); not transferable"
     return factors, KeyStyle(style.down, style.up, alpha=alpha_t is not None)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, NonFiniteError, OutputError, OutputExistsError, UnsafeFileError
+from ..quant import nonfinite_count
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -464,8 +465,8 @@ def serialize_tensors(
         raise FormatError(f"{p}: safetensors metadata must be strings; keys {bad[:5]} are not.")
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     for key, tensor in payload.items():
-        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            count = int((~torch.isfinite(tensor)).sum())
+        count = nonfinite_count(tensor)  # fp8 (an fp8 LoRA's own dtype) is checked on a float32 copy
+        if count:
             raise NonFiniteError(
                 f"{p}: refusing to write tensor {key!r}: {count} of its {tensor.numel()} values are NaN or Inf "
                 "(an overflow or corrupt input upstream). Nothing was written; check the layer's factors."
