@@ -201,13 +201,30 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     """
     p = Path(path)
     read_header(p)
+    try:
+        with p.open("rb") as fh:
+            data_start = 8 + int.from_bytes(fh.read(8), "little")
+    except OSError as exc:
+        raise FormatError(f"{p}: cannot read the file ({exc.strerror or exc}); check its permissions.") from None
+    return sampled_fingerprint(p, data_start, header_start=8)
+
+
+def sampled_fingerprint(path: Path, data_start: int, *, header_start: int = 0) -> str:
+    """sha256 over the header bytes ``[header_start, data_start)``, the data length and 16 evenly spaced 4 KiB samples.
+
+    The fingerprint of :func:`file_fingerprint`, for any format whose tensor data starts at
+    ``data_start`` (GGUF too). Returns 16 hex digits.
+
+    Raises:
+        FormatError: the file cannot be read.
+    """
     h = hashlib.sha256()
     try:
-        size = p.stat().st_size
-        with p.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(n))
-            data_start, data_len = 8 + n, size - 8 - n
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            fh.seek(header_start)
+            h.update(fh.read(data_start - header_start))
+            data_len = size - data_start
             h.update(str(data_len).encode())
             if data_len > 0:
                 step = max(1, data_len // _FINGERPRINT_SAMPLES)
@@ -215,7 +232,7 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
                     fh.seek(data_start + offset)
                     h.update(fh.read(_FINGERPRINT_SAMPLE_BYTES))
     except OSError as exc:
-        raise FormatError(f"{p}: cannot read the file ({exc.strerror or exc}); check its permissions.") from None
+        raise FormatError(f"{path}: cannot read the file ({exc.strerror or exc}); check its permissions.") from None
     return h.hexdigest()[:16]
 
 

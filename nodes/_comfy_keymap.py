@@ -213,6 +213,8 @@ def header_state_dict(
     from lorax_core.errors import FormatError
     from lorax_core.formats.io import SAFETENSORS_DTYPES, read_header
 
+    if path.suffix.lower() == ".gguf":
+        return _gguf_state_dict(path, value_limit)
     header, metadata = read_header(path)
     state: dict[str, torch.Tensor] = {}
     small: list[str] = []
@@ -230,6 +232,23 @@ def header_state_dict(
         except Exception as exc:  # safetensors' own SafetensorError
             raise FormatError(f"{path}: safetensors could not read the file ({exc}); it may be corrupt.") from None
     return state, metadata
+
+
+def _gguf_state_dict(path: Path, value_limit: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A GGUF diffusion model as ComfyUI-GGUF hands it to ComfyUI's detection: its tensor names and shapes.
+
+    ``meta`` float32 tensors (the dequantised shapes), the small ones read with their values
+    (``lorax_core.gguf_model.GGUFWeights``, the gguf package's dequantisation).
+    """
+    from lorax_core.gguf_model import GGUFWeights
+
+    weights = GGUFWeights(path)
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in weights.file_shapes.items():
+        key = f"diffusion_model.{name}"  # GGUFWeights' model-key namespace for a bare diffusion-model name
+        small = math.prod(shape) <= value_limit
+        state[name] = weights.get(key) if small else torch.empty(shape, dtype=torch.float32, device="meta")
+    return state, {}
 
 
 def lora_renames(
