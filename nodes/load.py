@@ -11,7 +11,7 @@ from ._types import LoraxSource
 from ._ui import CATEGORY, TIP_SOURCE, TIP_SOURCE_FILE, node_errors
 
 DISPLAY_NAME = "Load Source Model (LoRA-X)"
-SAFE_SUFFIXES = (".safetensors", ".sft")
+SAFE_SUFFIXES = (".safetensors", ".sft", ".gguf")
 
 
 class LoraXLoadSourceModel(io.ComfyNode):
@@ -36,10 +36,12 @@ class LoraXLoadSourceModel(io.ComfyNode):
         if Path(source_model).suffix.lower() not in SAFE_SUFFIXES:
             return (
                 f"{DISPLAY_NAME}: {source_model!r} is a pickle file, which can run code when loaded; "
-                "convert it to .safetensors first."
+                "convert it to .safetensors (or .gguf) first."
             )
         if source_model not in _host.source_model_names():
-            return f"{DISPLAY_NAME}: {source_model!r} is not in the checkpoints or diffusion_models folders; refresh (R)."
+            return (
+                f"{DISPLAY_NAME}: {source_model!r} is not in the checkpoints or diffusion_models folders; refresh (R)."
+            )
         return True
 
     @classmethod

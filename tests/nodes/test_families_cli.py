@@ -78,7 +78,9 @@ def test_cli_sd35_identity_round_trip_and_a_converted_layer_is_reported(tmp_path
     lora = load_file(str(tiny.loras["peft"]))
     width = int(lora["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[1])
     gen = torch.Generator().manual_seed(1)
-    converted = "transformer.norm_out.linear"  # ComfyUI: (final_layer.adaLN_modulation.1.weight, None, swap_scale_shift)
+    converted = (
+        "transformer.norm_out.linear"  # ComfyUI: (final_layer.adaLN_modulation.1.weight, None, swap_scale_shift)
+    )
     lora[f"{converted}.lora_A.weight"] = torch.randn(4, width, generator=gen).half()
     lora[f"{converted}.lora_B.weight"] = torch.randn(2 * width, 4, generator=gen).half()
     path = tmp_path / "with_norm_out.safetensors"
