@@ -111,3 +111,24 @@ def test_cli_flux_peft_slices_and_kohya_fused_weights(style, tmp_path, caplog):
         assert sum("[" in layer["source_key"] for layer in report["layers"]) == 10  # fused slices
     patches = stock_load(tiny.target, out, caplog, torch.float16)
     assert sum(len(p) for p in patches.values()) == n_layers
+
+
+@pytest.mark.parametrize(("source_kind", "target_kind"), [("scaled_fp8", "Q8_0"), ("Q4_0", "fp8_e4m3fn")])
+def test_cli_quantized_models_with_comfyui_key_map(source_kind, target_kind, tmp_path, caplog):
+    """Scaled-fp8 / GGUF / fp8 files as source and target with ``--comfyui`` (ComfyUI detects the family from them)."""
+    pytest.importorskip("gguf")
+    from scripts.quantize_model import GGUF_TYPES, quantize_file
+
+    tiny = make_family("wan")
+    paths = {}
+    for role, kind in (("source", source_kind), ("target", target_kind)):
+        suffix = ".gguf" if kind in GGUF_TYPES else ".safetensors"
+        paths[role] = quantize_file(getattr(tiny, role), tmp_path / f"{role}_{kind}{suffix}", kind)
+    quant = TinyDit(tiny.family, tiny.root, paths["source"], paths["target"], tiny.loras)
+    out = tmp_path / "moved.safetensors"
+    _, report = run_transfer(quant, tiny.loras["peft"], out)
+    n_layers = len({k.rsplit(".", 2)[0] for k in load_file(str(tiny.loras["peft"]))})
+    assert len(_transferred(report)) == n_layers
+    assert {v.dtype for k, v in load_file(str(out)).items()} == {torch.float16}  # the LoRA's dtype
+    patches = stock_load(tiny.target, out, caplog)
+    assert sum(len(p) for p in patches.values()) == n_layers
