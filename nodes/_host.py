@@ -351,9 +351,8 @@ def load_lora_file(name: str | None, lora: Mapping[str, torch.Tensor] | None) ->
     return read_lora(_find(("loras",), name, "LoRA"), key_transform=comfy.lora_convert.convert_lora)
 
 
-def plan_transfer(
-    lora: LoraFile, source: SourceModel, model: Any, clip: Any | None, key_map: Mapping[str, Any] | None = None
-) -> TransferPlan:
+def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | None,
+                  key_map: Mapping[str, Any] | None = None) -> TransferPlan:
     """The core's transfer plan with ComfyUI's key map (:func:`lorax_core.pipeline.plan_transfer`).
 
     The key map comes from the target ``MODEL``/``CLIP`` (same family ⇒ same names as the
@@ -368,10 +367,7 @@ def plan_transfer(
         return TE_NEEDS_CLIP if is_te else ""
 
     return core_plan_transfer(
-        lora,
-        source.weights,
-        lora_key_map(model, clip) if key_map is None else key_map,
-        source_name=source.name,
+        lora, source.weights, lora_key_map(model, clip) if key_map is None else key_map, source_name=source.name,
         host_rule=needs_clip,
     )
 
@@ -406,9 +402,8 @@ def _related_families(source_family: str | None, model: Any) -> bool:
     )
 
 
-def similarity_precheck(
-    source: SourceModel, model: Any, target: PatcherWeights, keys: list[str], pairs: list[tuple[str, str]]
-) -> str:
+def similarity_precheck(source: SourceModel, model: Any, target: PatcherWeights, keys: list[str],
+                        pairs: list[tuple[str, str]]) -> str:
     """Explain, before any decomposition, what cannot be compared and why: family, width, depth.
 
     Reads only names and shapes. Returns one line per finding (empty when the models have the
@@ -425,10 +420,8 @@ def similarity_precheck(
     family = model_family(model)
     notes: list[str] = []
     if not _related_families(source.family, model):
-        notes.append(
-            f"the source is {source.family or 'of an unknown family'} and the target is {family}: "
-            "different model families; unrelated weights score near chance"
-        )
+        notes.append(f"the source is {source.family or 'of an unknown family'} and the target is {family}: "
+                     "different model families; unrelated weights score near chance")
     missing = [k for k in keys if k not in target]
     if missing:
         notes.append(f"{len(missing)} of {len(keys)} layers have no namesake in the target (e.g. {missing[0]})")
@@ -436,27 +429,20 @@ def similarity_precheck(
     wide = [(s, a, b) for s, a, b in widths if _dims(a) != _dims(b)]
     if wide:
         s, a, b = wide[0]
-        notes.append(
-            f"{len(wide)} of {len(pairs)} layers differ in width and are not compared "
-            f"(e.g. {s}: source {_dims(a)}, target {_dims(b)}); no transfer across widths"
-        )
+        notes.append(f"{len(wide)} of {len(pairs)} layers differ in width and are not compared "
+                     f"(e.g. {s}: source {_dims(a)}, target {_dims(b)}); no transfer across widths")
     depths = depth_mismatches(
         [k for k in source.weights.keys() if k.startswith(UNET_PREFIX)],
         [k for k in target.keys() if k.startswith(UNET_PREFIX)],
     )
     if depths:
         block, (a, b) = next(iter(depths.items()))
-        notes.append(
-            f"{len(depths)} blocks have another depth (e.g. {block}: {a} in the source, {b} in the target); "
-            "the target renumbers the blocks it keeps, so same-named layers there may be other layers: "
-            "Transfer LoRA (match auto) pairs them by similarity"
-        )
+        notes.append(f"{len(depths)} blocks have another depth (e.g. {block}: {a} in the source, {b} in the target); "
+                     "the target renumbers the blocks it keeps, so same-named layers there may be other layers: "
+                     "Transfer LoRA (match auto) pairs them by similarity")
     if keys and len(wide) == len(pairs):
-        example = (
-            f"{wide[0][0]}: source {_dims(wide[0][1])}, target {_dims(wide[0][2])}"
-            if wide
-            else f"{missing[0]} is not in the target"
-        )
+        example = f"{wide[0][0]}: source {_dims(wide[0][1])}, target {_dims(wide[0][2])}" if wide else \
+            f"{missing[0]} is not in the target"
         raise IncompatibleBaseError(
             f"source {source.name} ({source.family or 'unknown family'}) and target ({family}) share no layer of "
             f"the same shape among the {len(keys)} asked about (e.g. {example}); nothing can be compared. Pick a "
@@ -465,9 +451,8 @@ def similarity_precheck(
     return "\n".join(f"pre-check: {note}." for note in notes)
 
 
-def similarity_inputs(
-    source: SourceModel, model: Any, clip: Any | None, lora_name: str, no_lora: str
-) -> tuple[PatcherWeights, list[tuple[str, str]], str]:
+def similarity_inputs(source: SourceModel, model: Any, clip: Any | None, lora_name: str,
+                      no_lora: str) -> tuple[PatcherWeights, list[tuple[str, str]], str]:
     """The target weights, the key pairs the similarity node compares, and the pre-check's notes."""
     target = PatcherWeights(model, clip)
     plan = None
@@ -526,9 +511,7 @@ def _native_name(model_key: str, layer_name: str) -> str:
     return layer_name
 
 
-def wrap_result(
-    result: TransferResult, plan: TransferPlan, lora: LoraFile, metadata: dict[str, str]
-) -> TransferredLora:
+def wrap_result(result: TransferResult, plan: TransferPlan, lora: LoraFile, metadata: dict[str, str]) -> TransferredLora:
     """Turn the core's result into a ComfyUI-native ``LORA_MODEL`` with provenance attached."""
     out = TransferredLora()
     out.layer_names = output_names(result, plan, lora.format)
@@ -552,9 +535,8 @@ class Applied:
     patched_clip: list[Any] = field(default_factory=list)
 
 
-def apply_lora(
-    model: Any, clip: Any | None, lora: Mapping[str, torch.Tensor], strength_model: float, strength_clip: float
-) -> Applied:
+def apply_lora(model: Any, clip: Any | None, lora: Mapping[str, torch.Tensor],
+               strength_model: float, strength_clip: float) -> Applied:
     """Clone ``model``/``clip`` and add the LoRA's patches (ComfyUI's ``load_lora`` + ``add_patches``).
 
     The inputs are never modified. Raises :class:`IncompatibleBaseError` when no layer of the

@@ -39,9 +39,7 @@ class LoraXLoadSourceModel(io.ComfyNode):
                 "convert it to .safetensors (or .gguf) first."
             )
         if source_model not in _host.source_model_names():
-            return (
-                f"{DISPLAY_NAME}: {source_model!r} is not in the checkpoints or diffusion_models folders; refresh (R)."
-            )
+            return f"{DISPLAY_NAME}: {source_model!r} is not in the checkpoints or diffusion_models folders; refresh (R)."
         return True
 
     @classmethod
