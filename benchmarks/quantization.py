@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorax_core.cache import MemoryCache
 from lorax_core.formats import read_lora
 from lorax_core.linalg import top_subspace
 from lorax_core.modelio import open_model
@@ -67,12 +68,13 @@ def measure(family: str, rank: int, work: Path) -> list[dict[str, object]]:
     source = open_model(tiny.source)
     plan = plan_transfer(lora, source)
     options = TransferOptions(method="exact", rank=rank, force=True)
+    cache = MemoryCache()  # the source's (and the bf16 target's) subspaces are computed once for every row
 
     def run(target_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float], object]:
         target = open_model(target_path)
         target.add_slices(plan.layers)
-        result = transfer_adapter(plan.layers, source, target, options, names=plan.names)
-        table = compute_similarity(source, target, [(k, k) for k in plan.layers], rank=rank)
+        result = transfer_adapter(plan.layers, source, target, options, names=plan.names, cache=cache)
+        table = compute_similarity(source, target, [(k, k) for k in plan.layers], rank=rank, cache=cache)
         phis = {e.source_key: float(e.phi) for e in table.entries if e.phi is not None}
         return {k: _delta(f) for k, f in result.layers.items()}, phis, target
 
