@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorax_core.cache import MemoryCache
+from lorax_core.cli import _comfyui_key_map
 from lorax_core.formats import read_lora
 from lorax_core.linalg import top_subspace
 from lorax_core.modelio import open_model
@@ -42,6 +44,7 @@ from scripts.quantize_model import GGUF_TYPES, quantize_file
 from scripts.tiny_dit_families import make_family
 
 ROOT = Path(__file__).resolve().parent.parent
+COMFYUI = Path(os.environ.get("LORAX_COMFYUI", ROOT / ".comfyui"))
 #: ``fp16`` is the family's original (fp16) target, unquantized: the bf16 cast's own effect, the
 #: yardstick for "transfers as well as bf16". (GGUF ``F16``/``BF16`` of a bf16 file are exact.)
 KINDS = ("fp16", "fp8_e4m3fn", "fp8_e5m2", "scaled_fp8", *(t for t in GGUF_TYPES if t not in ("BF16", "F16")))
@@ -64,9 +67,12 @@ def measure(family: str, rank: int, work: Path) -> list[dict[str, object]]:
     tiny = make_family(family)
     reference = work / f"{family}_bf16.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(tiny.target)).items()}, str(reference))
-    lora = read_lora(tiny.loras["peft"])
+    # SD3.5's diffusers names (transformer.transformer_blocks.N.attn.to_q: slices of the fused qkv)
+    # resolve only through ComfyUI's key map, as on the command line with --comfyui.
+    key_map, convert = _comfyui_key_map(COMFYUI, tiny.source, tiny.loras["peft"])
+    lora = read_lora(tiny.loras["peft"], key_transform=convert)
     source = open_model(tiny.source)
-    plan = plan_transfer(lora, source)
+    plan = plan_transfer(lora, source, key_map)
     options = TransferOptions(method="exact", rank=rank, force=True)
     cache = MemoryCache()  # the source's (and the bf16 target's) subspaces are computed once for every row
 
