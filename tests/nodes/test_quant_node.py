@@ -44,15 +44,18 @@ def _source(name: str):
     return pack_module("nodes.load").LoraXLoadSourceModel.execute(name).result[0]
 
 
-def test_unet_loader_fp8_e4m3fn_target(wan):
+@pytest.mark.parametrize(
+    ("weight_dtype", "dtype"), [("fp8_e4m3fn", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)]
+)
+def test_unet_loader_fp8_target(wan, weight_dtype, dtype):
     tiny, _ = wan
-    target = comfy_nodes.UNETLoader().load_unet(tiny.target.name, "fp8_e4m3fn")[0]
-    assert target.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    target = comfy_nodes.UNETLoader().load_unet(tiny.target.name, weight_dtype)[0]
+    assert target.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == dtype
     weights = pack_module("nodes._host").PatcherWeights(target)
     got = weights.get(KEY)
     assert got.dtype == torch.float32
     stored = load_file(str(tiny.target))[KEY.removeprefix("diffusion_model.")]
-    assert torch.equal(got, stored.to(torch.float8_e4m3fn).float())
+    assert torch.equal(got, stored.to(dtype).float())
     lora, text = _transfer(_source(tiny.source.name), target, tiny.loras["peft"].name)
     assert f"{WAN_LAYERS} of {WAN_LAYERS} layers transferred" in text, text
     assert {f.up.dtype for f in lora.factors.values()} == {torch.float16}  # the LoRA's dtype, not fp8
