@@ -50,6 +50,7 @@ from .formats.keys import (
     PAIR_STYLES,
 )
 from .linalg import factored_norm
+from .quant import nonfinite_count
 from .types import LoraFactors, SkipReason, SkipText
 
 __all__ = [
@@ -127,7 +128,7 @@ def _check_finite(parts: Mapping[str, torch.Tensor]) -> str:
             return f"{suffix.lstrip('.')} has shape {tuple(tensor.shape)}: no values (the file is damaged); not transferable"
         if not tensor.is_floating_point():
             return f"{suffix.lstrip('.')} must be floating point; got {tensor.dtype}; not transferable"
-        if not bool(torch.isfinite(tensor).all()):
+        if nonfinite_count(tensor):  # fp8 factors are checked on a float32 copy
             return f"NaN or Inf values in {suffix.lstrip('.')} (the file is damaged); not transferable"
     return ""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LoraxError
+from ..quant import nonfinite_count
 from ..types import AdapterLayer, LoraXFactors, flat_shape
 from .base import LayerParts
 from .keys import LORAX_CORE_SUFFIX, LORAX_SHAPE_SUFFIX, UNSUPPORTED_SUFFIXES, KeyStyle
@@ -55,7 +56,7 @@ class LoraxHandler:
             return f"{LORAX_CORE_SUFFIX} must be a vector (R,) or a square matrix (R, R); got shape {tuple(core.shape)}"
         if core.shape[0] == 0:
             return "rank-0 LoRA-X layer (an empty core: it changes nothing); not transferable"
-        if not bool(torch.isfinite(core).all()):
+        if nonfinite_count(core):  # an fp8 core is checked on a float32 copy
             return f"NaN or Inf values in {LORAX_CORE_SUFFIX.lstrip('.')} (the file is damaged); not transferable"
         if min(shape) < 1 or core.shape[0] > min(flat_shape(shape)):
             return f"LoRA-X rank {core.shape[0]} does not fit a base weight of shape {shape}"

@@ -162,3 +162,17 @@ def test_every_measured_gguf_type_reads(wan, tmp_path):
     for kind in GGUF_TYPES:
         weights = GGUFWeights(quantize_file(wan.source, tmp_path / f"{kind}.gguf", kind))
         assert weights.get(KEY).shape == (128, 128), kind
+
+
+def test_fp8_lycoris_factors_are_checked_on_a_float32_copy(no_fp8_kernels):
+    """LyCORIS factors stored in fp8 parse (and a NaN among them is still a per-layer reason)."""
+    from lorax_core.lycoris import build_lycoris
+    from lorax_core.types import LoraFactors
+
+    gen = torch.Generator().manual_seed(0)
+    parts = {s: torch.randn(*shape, generator=gen).to(torch.float8_e5m2)
+             for s, shape in ((".hada_w1_a", (12, 3)), (".hada_w1_b", (3, 10)), (".hada_w2_a", (12, 2)),
+                              (".hada_w2_b", (2, 10)))}  # fmt: skip
+    assert isinstance(build_lycoris("x", parts), LoraFactors)
+    parts[".hada_w2_b"][0, 0] = float("nan")
+    assert "NaN or Inf values in hada_w2_b" in str(build_lycoris("x", parts))
