@@ -1,4 +1,5 @@
-"""UI-facing helpers shared by the nodes: widget values → core options, results → text, errors.
+"""UI-facing helpers shared by the nodes: widget values → core options, results → text and the
+report view's data, errors.
 
 Nothing here imports ComfyUI; the tooltips are module constants so docs/NODES.md can quote
 them verbatim (a test keeps the two in sync).
@@ -6,14 +7,19 @@ them verbatim (a test keeps the two in sync).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..lorax_core.errors import LoraxError, with_context
 from ..lorax_core.formats import LoraFile
 from ..lorax_core.pipeline import ModelInfo, output_metadata
-from ..lorax_core.types import METHODS, TransferOptions, TransferReport, TransferResult
+from ..lorax_core.similarity import SimilarityTable
+from ..lorax_core.transfer import SkipReason
+from ..lorax_core.types import METHODS, LayerReport, TransferOptions, TransferReport, TransferResult
 
 if TYPE_CHECKING:
     from ._host import SourceModel
@@ -125,6 +131,162 @@ def transfer_options(method: str, rank: int, threshold: float, device: str) -> T
 def report_text(report: TransferReport, header: str) -> str:
     """The text shown on the node and returned on the ``report`` output."""
     return f"{header}\n{report.summary()}"
+
+
+# --------------------------------------------------------------------------- the report view (web/js/lorax.js)
+
+#: The ``ui`` key the report view reads (one JSON-safe dict per run, :func:`transfer_view` / :func:`similarity_view`).
+VIEW_KEY = "lorax_view"
+VIEW_VERSION = 1
+#: Columns of one row of ``layers`` in a view (rows are lists, not dicts: a 700-layer SDXL report
+#: stays near 100 kB in the page and in the saved workflow).
+VIEW_COLUMNS = ("name", "section", "block", "outcome", "phi", "phi_left", "phi_right", "chance", "threshold",
+                "energy_kept", "output_rank", "reason", "model_key")
+#: Short words for the one-line verdict, per skip reason (the full phrase is in the hover and the text).
+SKIP_LABELS: dict[SkipReason, str] = {
+    SkipReason.NO_SOURCE: "not in the source model",
+    SkipReason.SOURCE_SHAPE: "LoRA does not fit the source",
+    SkipReason.UNRESOLVED: "unresolved",
+    SkipReason.NO_PARTNER: "no partner layer",
+    SkipReason.WIDTH: "width mismatch",
+    SkipReason.LORAX_RANK: "LoRA-X rank too large",
+    SkipReason.ZERO: "zero update",
+    SkipReason.PROJECTED_ZERO: "projects to zero",
+    SkipReason.BELOW: "below threshold",
+    SkipReason.WEIGHT_NDIM: "not a linear/conv weight",
+    SkipReason.NONFINITE_WEIGHT: "damaged base weight",
+    SkipReason.OVERFLOW: "overflow",
+}
+# Where a layer sits in the model, from its model key or its LoRA name (kohya ``_``, diffusers ``.``):
+# ``(section, pattern whose first group is the block number)``, first match wins. UNet block
+# names come before the DiT ones because SD's attention lives in ``…transformer_blocks.0…`` too.
+_PLACES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((section, re.compile(pattern)) for section, pattern in (
+    ("text encoder 2", r"(?:clip_g|lora_te2|text_encoder_2)[._](?:.*?layers?[._](\d+))?"),
+    ("text encoder", r"(?:text_encoders|lora_te1?|text_encoder)[._](?:.*?layers?[._](\d+))?"),
+    ("input", r"(?:input[._]blocks|down[._]blocks)[._](\d+)"),
+    ("middle", r"(?:middle[._]block|mid[._]block)()"),
+    ("output", r"(?:output[._]blocks|up[._]blocks)[._](\d+)"),
+    ("double", r"double[._]blocks[._](\d+)"),
+    ("single", r"single[._](?:transformer[._])?blocks[._](\d+)"),
+    ("joint", r"joint[._]blocks[._](\d+)"),
+    ("double", r"transformer[._]blocks[._](\d+)"),
+    ("blocks", r"(?:^|[._])blocks[._](\d+)"),
+))
+
+
+def layer_place(name: str) -> tuple[str, int]:
+    """``(section, block number)`` of a layer, the way the model is built: text encoders, then the UNet's
+    ``input``/``middle``/``output`` blocks or a DiT's ``double``/``single``/``joint`` blocks.
+
+    ``name`` is a model key (``diffusion_model.input_blocks.4.1.….weight``, ``text_encoders.clip_l.…``)
+    or a LoRA layer name (``lora_unet_input_blocks_4_1_…``, ``lora_te2_…``, ``transformer.single_transformer_blocks.3…``).
+    Unknown layouts fall into section ``other``, block ``-1``.
+    """
+    for section, pattern in _PLACES:
+        match = pattern.search(name)
+        if match:
+            block = match.group(1) if match.groups() else None
+            return section, int(block) if block else -1
+    return "other", -1
+
+
+def _finite(value: float | None, digits: int = 4) -> float | None:
+    return round(value, digits) if value is not None and math.isfinite(value) else None
+
+
+def _phi(left: float | None, right: float | None) -> float | None:
+    values = [v for v in (left, right) if v is not None and math.isfinite(v)]
+    return min(values) if values else None
+
+
+def skip_label(code: str, reason: str) -> str:
+    """A skip reason in a few words (the verdict's vocabulary): :data:`SKIP_LABELS`, or the reason's first clause."""
+    try:
+        label = SKIP_LABELS[SkipReason(code)]
+    except ValueError:
+        label = SKIP_LABELS[SkipReason.UNRESOLVED]
+    if code == SkipReason.UNRESOLVED.value and reason:
+        label = re.split(r"[:;(]", reason, maxsplit=1)[0].strip()[:48] or label
+    return label
+
+
+def _verdict(parts: Sequence[str], phis: Sequence[float]) -> str:
+    mean = f"mean Φ {sum(phis) / len(phis):.2f}" if phis else "no Φ measured"
+    return " · ".join([*parts, mean])
+
+
+def _reason_counts(labels: Sequence[str]) -> str:
+    counts = Counter(labels).most_common()
+    return ", ".join(f"{n} {label}" if len(counts) > 1 else label for label, n in counts)
+
+
+def transfer_view(report: TransferReport, title: str) -> dict[str, Any]:
+    """The Transfer LoRA node's report view: a one-line verdict and one row per layer, skipped layers first.
+
+    Row columns are :data:`VIEW_COLUMNS`; ``outcome`` is the method for a transferred layer and
+    ``skip:<code>`` (``transfer.SkipReason``) for a skipped one; Φ = min(Φ_left, Φ_right) (LoRA-X,
+    arXiv 2501.16559, Eq. 4). Every float is finite or ``None`` (strict JSON).
+    """
+    rows, labels, phis = [], {}, []
+    for r in sorted(report.layers, key=lambda r: r.status != "skipped"):
+        phi = _phi(r.phi_left, r.phi_right)
+        if phi is not None and r.status == "transferred":
+            phis.append(phi)
+        if r.status == "skipped":
+            outcome = f"skip:{r.code or SkipReason.UNRESOLVED.value}"
+            labels[outcome] = skip_label(r.code, r.reason)
+        else:
+            outcome = r.method
+        rows.append(_row(r.key, r.target_key or r.source_key, outcome, phi, r, r.reason))
+    skipped = [labels[row[3]] for row in rows if str(row[3]).startswith("skip:")]
+    parts = [f"{len(rows) - len(skipped)} of {len(rows)} layers transferred"]
+    if skipped:
+        parts.append(f"{len(skipped)} skipped: {_reason_counts(skipped)}")
+    return {"v": VIEW_VERSION, "kind": "transfer", "title": title, "verdict": _verdict(parts, phis),
+            "columns": list(VIEW_COLUMNS), "labels": labels, "layers": rows}
+
+
+def _row(name: str, model_key: str | None, outcome: str, phi: float | None, r: LayerReport | None,
+         reason: str) -> list[Any]:
+    section, block = layer_place(model_key or name)
+    numbers = (r.phi_left, r.phi_right, r.chance, r.threshold, r.energy_kept) if r is not None else (None,) * 5
+    return [name, section, block, outcome, _finite(phi), *(_finite(v) for v in numbers),
+            None if r is None else r.output_rank, reason, model_key]
+
+
+def similarity_view(table: SimilarityTable, title: str) -> dict[str, Any]:
+    """The similarity node's view, in :func:`transfer_view`'s layout: outcome ``pass``/``fail``/``n/a``
+    (not compared, e.g. the widths differ), failing and not-compared pairs first."""
+    rows, phis = [], []
+    for e in sorted(table.entries, key=lambda e: e.passed):
+        phi = _phi(e.phi_left, e.phi_right) if e.phi is not None else None
+        if phi is not None:
+            phis.append(phi)
+        outcome = "pass" if e.passed else ("fail" if phi is not None else "n/a")
+        section, block = layer_place(e.source_key)
+        target = "" if e.target_key == e.source_key else f" → {e.target_key}"
+        rows.append([e.source_key + target, section, block, outcome, _finite(phi), _finite(e.phi_left),
+                     _finite(e.phi_right), _finite(e.chance), _finite(e.threshold), None, e.rank, e.reason,
+                     e.target_key])
+    failed = sum(row[3] == "fail" for row in rows)
+    missing = sum(row[3] == "n/a" for row in rows)
+    parts = [f"{len(rows) - failed - missing} of {len(rows)} layer pairs pass"]
+    if failed:
+        parts.append(f"{failed} below threshold")
+    if missing:
+        parts.append(f"{missing} not compared")
+    return {"v": VIEW_VERSION, "kind": "similarity", "title": title, "verdict": _verdict(parts, phis),
+            "columns": list(VIEW_COLUMNS), "labels": {"pass": "passes", "fail": "below threshold",
+                                                      "n/a": "not compared"}, "layers": rows}
+
+
+def report_ui(text: str, view: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+    """A node's ``ui`` payload: the report text (``text``, what the stock frontend and the history show)
+    and, when given, the structured view the pack's web extension draws (:data:`VIEW_KEY`)."""
+    out: dict[str, list[Any]] = {"text": [text]}
+    if view is not None:
+        out[VIEW_KEY] = [view]
+    return out
 
 
 def provenance(lora: LoraFile, result: TransferResult, options: TransferOptions, source: SourceModel,

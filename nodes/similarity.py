@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.v0_0_2 import io, ui
+from comfy_api.v0_0_2 import io
 
 from ..lorax_core.similarity import compute_similarity
 from . import _host
@@ -19,6 +19,8 @@ from ._ui import (
     TIP_THRESHOLD,
     TIP_USE_CACHE,
     node_errors,
+    report_ui,
+    similarity_view,
 )
 
 DISPLAY_NAME = "Compute Subspace Similarity"
@@ -66,4 +68,5 @@ class LoraXSubspaceSimilarity(io.ComfyNode):
                 cache=_host.subspace_cache(use_cache), device=_host.compute_device(), progress=_host.progress_callback(),
             )
         text = f"{notes}\n{table.summary()}" if notes else table.summary()
-        return io.NodeOutput(table, similarity_chart(table), text, ui=ui.PreviewText(text))
+        view = similarity_view(table, f"{source.name} → {_host.model_family(target)}")
+        return io.NodeOutput(table, similarity_chart(table), text, ui=report_ui(text, view))

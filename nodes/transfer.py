@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.v0_0_2 import io, ui
+from comfy_api.v0_0_2 import io
 
 from ..lorax_core.pipeline import check_source_bases
 from ..lorax_core.transfer import transfer_adapter
@@ -25,7 +25,9 @@ from ._ui import (
     node_errors,
     provenance,
     report_text,
+    report_ui,
     transfer_options,
+    transfer_view,
 )
 
 DISPLAY_NAME = "Transfer LoRA"
@@ -83,6 +85,7 @@ class LoraXTransferLoRA(io.ComfyNode):
             meta = provenance(lora_file, result, options, source, _host.model_family(target),
                               target_weights.fingerprint, lora_name_used)
             out = _host.wrap_result(result, plan, lora_file, meta)
-        text = report_text(result.report, f"{lora_name_used}: {source.family} → {_host.model_family(target)}")
+        title = f"{lora_name_used}: {source.family} → {_host.model_family(target)}"
+        text = report_text(result.report, title)
         text = f"{text}\n{bases_note}" if bases_note else text
-        return io.NodeOutput(out, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(out, text, ui=report_ui(text, transfer_view(result.report, title)))
