@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .apply import LoraXApplyTransferredLoRA
+from .compare import LoraXCompareTransfer
 from .load import LoraXLoadSourceModel
 from .refine import LoraXRefineTransferredLoRA
 from .save import LoraXSaveLoRAX, LoraXSaveTransferredLoRA
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoraXRefineTransferredLoRA,
     LoraXTrainLoRAX,
     LoraXSaveLoRAX,
+    LoraXCompareTransfer,
 ]
 
 
