@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 NODE_IDS = ["LoraXLoadSourceModel", "LoraXSubspaceSimilarity", "LoraXTransferLoRA",
             "LoraXApplyTransferredLoRA", "LoraXSaveTransferredLoRA", "LoraXRefineTransferredLoRA",
-            "LoraXTrainLoRAX", "LoraXSaveLoRAX"]
+            "LoraXTrainLoRAX", "LoraXSaveLoRAX", "LoraXCompareTransfer"]
 
 
 def _api(name: str, object_info: dict) -> tuple[dict, dict]:
