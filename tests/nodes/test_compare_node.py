@@ -9,6 +9,7 @@ models already loaded: patched clones, never a second model (checked through
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import comfy.model_management
 import comfy.sample
@@ -129,5 +130,12 @@ def test_rows_reuse_the_loaded_models_and_leave_them_unpatched(setup, loads) -> 
 
 def test_models_of_two_families_are_refused_with_a_clear_message(setup, vega_models) -> None:
     errors = pack_module("lorax_core.errors")
-    with pytest.raises(errors.IncompatibleBaseError, match="Compare LoRA Transfer: .*different latent spaces"):
+    with pytest.raises(errors.IncompatibleBaseError, match=r"Compare LoRA Transfer: .*different latent spaces"):
         _compare({**setup, "target_model": vega_models[1]})
+
+
+def test_docs_quote_every_tooltip() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "NODES.md").read_text()
+    schema = pack_module("nodes.compare").LoraXCompareTransfer.GET_SCHEMA()
+    for item in [*schema.inputs, *(schema.outputs or [])]:
+        assert item.tooltip in docs, f"docs/NODES.md lacks the tooltip of LoraXCompareTransfer.{item.id}"
