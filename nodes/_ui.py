@@ -18,8 +18,7 @@ from ..lorax_core.errors import LoraxError, with_context
 from ..lorax_core.formats import LoraFile
 from ..lorax_core.pipeline import ModelInfo, output_metadata
 from ..lorax_core.similarity import SimilarityTable
-from ..lorax_core.transfer import SkipReason
-from ..lorax_core.types import METHODS, LayerReport, TransferOptions, TransferReport, TransferResult
+from ..lorax_core.types import METHODS, LayerReport, SkipReason, TransferOptions, TransferReport, TransferResult
 
 if TYPE_CHECKING:
     from ._host import SourceModel
@@ -143,7 +142,10 @@ VIEW_VERSION = 1
 VIEW_COLUMNS = ("name", "section", "block", "outcome", "phi", "phi_left", "phi_right", "chance", "threshold",
                 "energy_kept", "output_rank", "reason", "model_key")
 #: Short words for the one-line verdict, per skip reason (the full phrase is in the hover and the text).
+#: Skips decided while planning (unresolved, host_rule) say what kind with their reason's first clause.
 SKIP_LABELS: dict[SkipReason, str] = {
+    SkipReason.UNSUPPORTED: "not transferable",
+    SkipReason.HOST_RULE: "left out",
     SkipReason.NO_SOURCE: "not in the source model",
     SkipReason.SOURCE_SHAPE: "LoRA does not fit the source",
     SkipReason.UNRESOLVED: "unresolved",
@@ -205,7 +207,7 @@ def skip_label(code: str, reason: str) -> str:
         label = SKIP_LABELS[SkipReason(code)]
     except ValueError:
         label = SKIP_LABELS[SkipReason.UNRESOLVED]
-    if code == SkipReason.UNRESOLVED.value and reason:
+    if code in (SkipReason.UNRESOLVED.value, SkipReason.HOST_RULE.value) and reason:
         label = re.split(r"[:;(]", reason, maxsplit=1)[0].strip()[:48] or label
     return label
 
@@ -233,8 +235,9 @@ def transfer_view(report: TransferReport, title: str) -> dict[str, Any]:
         if phi is not None and r.status == "transferred":
             phis.append(phi)
         if r.status == "skipped":
-            outcome = f"skip:{r.code or SkipReason.UNRESOLVED.value}"
-            labels[outcome] = skip_label(r.code, r.reason)
+            code = str(r.code or SkipReason.UNRESOLVED)
+            outcome = f"skip:{code}"
+            labels[outcome] = skip_label(code, r.reason)
         else:
             outcome = r.method
         rows.append(_row(r.key, r.target_key or r.source_key, outcome, phi, r, r.reason))

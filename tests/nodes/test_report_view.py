@@ -71,10 +71,10 @@ def test_transfer_view_has_the_verdict_and_lists_skipped_layers_first() -> None:
 
 
 def test_every_skip_reason_has_words_in_the_verdict() -> None:
-    reasons = pack_module("lorax_core.transfer").SkipReason
+    reasons = pack_module("lorax_core.types").SkipReason
     assert set(_ui().SKIP_LABELS) == set(reasons)
     # An unresolved layer says what kind (its reason's first clause), e.g. a text-encoder layer without CLIP.
-    label = _ui().skip_label("unresolved", "text-encoder layer: connect the target model's CLIP to the node")
+    label = _ui().skip_label("host_rule", "text-encoder layer: connect the target model's CLIP to the node")
     assert label == "text-encoder layer"
 
 

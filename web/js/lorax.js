@@ -52,6 +52,8 @@ const OUTCOME_COLOURS = {
   "skip:width": "#fb8c00",
   "skip:no_partner": "#f9a825",
   "skip:unresolved": "#8d6e63",
+  "skip:host_rule": "#a1887f",
+  "skip:unsupported": "#6a1b9a",
   "skip:zero": "#bdbdbd",
   "skip:projected_zero": "#9e9e9e",
   pass: "#2e7d32",
