@@ -14,9 +14,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 MARGIN = 8
 GAP = 4
-TITLE_H = 20
-LABEL_MIN_W = 150
 LINE_H = 12
+TITLE_LINES = 2
+TITLE_H = TITLE_LINES * LINE_H + 6  # the title wraps onto at most two lines (a fixed height: a stable layout)
+LABEL_MIN_W = 150
 BG = (255, 255, 255)
 INK = (0, 0, 0)
 MUTED = (110, 110, 110)
@@ -50,7 +51,8 @@ def image_grid(rows: Sequence[tuple[str, torch.Tensor | str]], title: str = "", 
         rows: ``(label, images)`` per row, top to bottom. ``images`` is ``(B, h, w, 3)`` in [0, 1]
             (any device and float dtype): one column per batch entry. A string instead of images
             draws a grey row with that text (a row that could not be made, and why).
-        title: one line above the grid (the shared settings, say).
+        title: text above the grid (the shared settings, say), wrapped onto at most
+            :data:`TITLE_LINES` lines (the rest is cut with "…").
         cell: the side of a grid cell in pixels; default: the first row's image size, scaled up
             (nearest neighbour) to at least 96 px so tiny images stay visible.
 
@@ -75,7 +77,11 @@ def image_grid(rows: Sequence[tuple[str, torch.Tensor | str]], title: str = "", 
     canvas = Image.new("RGB", (width, height), BG)
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((MARGIN, MARGIN), title, fill=MUTED, font=font)
+        lines = _wrap(title, width - 2 * MARGIN, draw, font)
+        if len(lines) > TITLE_LINES:
+            lines = [*lines[: TITLE_LINES - 1], lines[TITLE_LINES - 1] + " …"]
+        for i, line in enumerate(lines):
+            draw.text((MARGIN, MARGIN + i * LINE_H), line, fill=MUTED, font=font)
     for r, (label, images) in enumerate(rows):
         y = top + r * (ch + GAP)
         lines = _wrap(label, label_w - GAP, draw, font)

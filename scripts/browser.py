@@ -58,12 +58,17 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 180.0) -> Any
 
 
 def open_app(driver: Any, url: str) -> None:
-    """Load the frontend and wait until the graph and the pack's extension are there."""
+    """Load the frontend and wait until the graph, the pack's extension and the node definitions are there.
+
+    A workflow loaded before the node definitions arrive is reported as "missing nodes".
+    """
     driver.get(url)
     wait_for(
-        "the frontend and the lorax extension",
+        "the frontend, the lorax extension and the node definitions",
         lambda: driver.execute_script(
-            f"const app = {APP}; return !!(app?.graph && app.extensions?.some((e) => e.name === '{EXTENSION}'));"
+            f"const app = {APP}; return !!(app?.graph && app.extensions?.some((e) => e.name === '{EXTENSION}')"
+            " && window.LiteGraph?.registered_node_types?.LoraXTransferLoRA"
+            " && window.LiteGraph.registered_node_types.CheckpointLoaderSimple);"
         ),
     )
 

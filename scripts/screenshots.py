@@ -35,7 +35,7 @@ COMFY_ROOT = ROOT / ".comfyui"
 PAD = 12
 TITLE_H = 34  # the node's title bar sits above its position
 
-# Put the graph's top-left node at the canvas' top-left, 1:1, and close the frontend's banners.
+# Put the graph's top-left node at (x, y) of the canvas, 1:1 (below the frontend's banner).
 FRAME_JS = f"""
 const app = {APP};
 app.canvas.ds.scale = 1;
@@ -44,7 +44,6 @@ const left = Math.min(...nodes.map((n) => n.pos[0]));
 const top = Math.min(...nodes.map((n) => n.pos[1]));
 app.canvas.ds.offset = [arguments[0] - left, arguments[1] - top];
 app.canvas.setDirty(true, true);
-document.querySelectorAll(".p-toast, [data-testid='announcement-banner']").forEach((e) => e.remove());
 """
 # The client rectangle of a set of nodes (by type), title bars included.
 RECT_JS = f"""
@@ -67,13 +66,13 @@ def shoot(driver, url: str, workflow: Path, nodes: list[str], out: Path, wait_im
     """Run ``workflow`` in the page and save the screen area of ``nodes`` to ``out`` (a small PNG)."""
     open_app(driver, url)
     load_graph(driver, json.loads(workflow.read_text(encoding="utf-8")))
-    driver.execute_script(FRAME_JS, 80, 60)
+    driver.execute_script(FRAME_JS, 80, 170)
     queue(driver)
     wait_for(f"the report view of {nodes[0]}", lambda: driver.execute_script(VIEW_DONE_JS, nodes[0]), timeout=1200)
     if wait_images:
         wait_for(f"{wait_images}'s image", lambda: driver.execute_script(
             f"return !!{APP}.graph._nodes.find((n) => n.type === arguments[0])?.imgs?.length;", wait_images), timeout=600)
-    driver.execute_script(FRAME_JS, 80, 60)
+    driver.execute_script(FRAME_JS, 80, 170)
     time.sleep(2)  # two frames: the DOM widgets follow the canvas' new offset
     left, top, right, bottom = driver.execute_script(RECT_JS, nodes)
     shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = make_tiny_models()
     with tempfile.TemporaryDirectory() as work:
         server = HeadlessComfy(comfy_root, Path(work), tiny.root, python=sys.executable).start()
-        driver = chromium(1600, 1000)
+        driver = chromium(1920, 1200)  # wide: the run button and its toasts stay right of the nodes
         try:
             shoot(driver, server.url, ROOT / "example_workflows" / "transfer_save.json", ["LoraXTransferLoRA"],
                   args.out / "transfer_report.png")

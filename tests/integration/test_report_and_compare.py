@@ -34,7 +34,7 @@ def test_compare_transfer_runs_to_a_saved_grid_and_the_transfer_sends_its_view(s
     assert len(saved) == 1  # one grid, not one image per row
     with Image.open(server.output / saved[0]["subfolder"] / saved[0]["filename"]) as grid:
         # 4 rows of 128 px cells (64 px images scaled up 2×: at least 96 px), 2 columns (the latent batch).
-        assert grid.height == 8 + 20 + 4 * (128 + 4) - 4 + 8, grid.size
+        assert grid.height == 8 + 30 + 4 * (128 + 4) - 4 + 8, grid.size  # margin, title, rows, margin
         assert grid.width >= 2 * 128 + 4
 
     view = entry["outputs"][_node(api, "LoraXTransferLoRA")]["lorax_view"][0]
