@@ -65,6 +65,8 @@ return !!node?.widgets?.find((w) => w.name === "lorax_report")?.loraxView?.cells
 def shoot(driver, url: str, workflow: Path, nodes: list[str], out: Path, wait_images: str | None = None) -> None:
     """Run ``workflow`` in the page and save the screen area of ``nodes`` to ``out`` (a small PNG)."""
     open_app(driver, url)
+    # A fresh user folder opens the template browser on the first visit: close it.
+    driver.execute_script("document.querySelectorAll('.p-dialog-mask').forEach((e) => e.remove());")
     load_graph(driver, json.loads(workflow.read_text(encoding="utf-8")))
     driver.execute_script(FRAME_JS, 80, 170)
     queue(driver)
@@ -73,6 +75,7 @@ def shoot(driver, url: str, workflow: Path, nodes: list[str], out: Path, wait_im
         wait_for(f"{wait_images}'s image", lambda: driver.execute_script(
             f"return !!{APP}.graph._nodes.find((n) => n.type === arguments[0])?.imgs?.length;", wait_images), timeout=600)
     driver.execute_script(FRAME_JS, 80, 170)
+    driver.execute_script("document.querySelectorAll('.p-dialog-mask').forEach((e) => e.remove());")
     time.sleep(2)  # two frames: the DOM widgets follow the canvas' new offset
     left, top, right, bottom = driver.execute_script(RECT_JS, nodes)
     shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     comfy_root = (args.comfyui or Path(os.environ.get("LORAX_COMFYUI", COMFY_ROOT))).resolve()
     tiny = make_tiny_models()
     with tempfile.TemporaryDirectory() as work:
-        server = HeadlessComfy(comfy_root, Path(work), tiny.root, python=sys.executable).start()
+        # One BLAS thread: on a shared machine two threads made each small eigh take seconds (tests/nodes/conftest.py).
+        server = HeadlessComfy(comfy_root, Path(work), tiny.root, python=sys.executable, threads=1).start()
         driver = chromium(1920, 1200)  # wide: the run button and its toasts stay right of the nodes
         try:
             shoot(driver, server.url, ROOT / "example_workflows" / "transfer_save.json", ["LoraXTransferLoRA"],
