@@ -214,6 +214,8 @@ class ReportView {
     this.details.append(summary, this.pre);
     this.details.addEventListener("toggle", () => this.resize());
     this.root.append(this.verdict, this.title, this.skipped, this.canvas, this.legend, this.details);
+    // Each part keeps its own height; the node grows to fit them (resize), nothing is squeezed.
+    for (const child of this.root.children) child.style.flexShrink = "0";
     document.body.append(this.tip);
     this.canvas.addEventListener("mousemove", (event) => this.hover(event));
     this.canvas.addEventListener("mouseleave", () => this.hover(null));
