@@ -158,6 +158,7 @@ SKIP_LABELS: dict[SkipReason, str] = {
     SkipReason.WEIGHT_NDIM: "not a linear/conv weight",
     SkipReason.NONFINITE_WEIGHT: "damaged base weight",
     SkipReason.OVERFLOW: "overflow",
+    SkipReason.MALFORMED: "malformed layer",
 }
 # Where a layer sits in the model, from its model key or its LoRA name (kohya ``_``, diffusers ``.``):
 # ``(section, pattern whose first group is the block number)``, first match wins. UNet block
@@ -204,12 +205,12 @@ def _phi(left: float | None, right: float | None) -> float | None:
 def skip_label(code: str, reason: str) -> str:
     """A skip reason in a few words (the verdict's vocabulary): :data:`SKIP_LABELS`, or the reason's first clause."""
     try:
-        label = SKIP_LABELS[SkipReason(code)]
+        label = SKIP_LABELS.get(SkipReason(code), "")
     except ValueError:
-        label = SKIP_LABELS[SkipReason.UNRESOLVED]
-    if code in (SkipReason.UNRESOLVED.value, SkipReason.HOST_RULE.value) and reason:
+        label = ""
+    if (not label or code in (SkipReason.UNRESOLVED.value, SkipReason.HOST_RULE.value)) and reason:
         label = re.split(r"[:;(]", reason, maxsplit=1)[0].strip()[:48] or label
-    return label
+    return label or SKIP_LABELS[SkipReason.UNRESOLVED]
 
 
 def _verdict(parts: Sequence[str], phis: Sequence[float]) -> str:
