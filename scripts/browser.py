@@ -71,6 +71,12 @@ def open_app(driver: Any, url: str) -> None:
             " && window.LiteGraph.registered_node_types.CheckpointLoaderSimple);"
         ),
     )
+    close_dialogs(driver)
+
+
+def close_dialogs(driver: Any) -> None:
+    """Remove the frontend's modal dialogs (a fresh user folder opens the template browser on the first visit)."""
+    driver.execute_script("document.querySelectorAll('.p-dialog-mask').forEach((e) => e.remove());")
 
 
 def load_graph(driver: Any, workflow: Mapping[str, Any]) -> None:

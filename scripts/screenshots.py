@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from scripts.browser import APP, chromium, load_graph, open_app, queue, wait_for
+from scripts.browser import APP, chromium, close_dialogs, load_graph, open_app, queue, wait_for
 from scripts.make_tiny_models import make_tiny_models
 from scripts.workflow_api import HeadlessComfy
 
@@ -65,8 +65,6 @@ return !!node?.widgets?.find((w) => w.name === "lorax_report")?.loraxView?.cells
 def shoot(driver, url: str, workflow: Path, nodes: list[str], out: Path, wait_images: str | None = None) -> None:
     """Run ``workflow`` in the page and save the screen area of ``nodes`` to ``out`` (a small PNG)."""
     open_app(driver, url)
-    # A fresh user folder opens the template browser on the first visit: close it.
-    driver.execute_script("document.querySelectorAll('.p-dialog-mask').forEach((e) => e.remove());")
     load_graph(driver, json.loads(workflow.read_text(encoding="utf-8")))
     driver.execute_script(FRAME_JS, 80, 170)
     queue(driver)
@@ -75,7 +73,7 @@ def shoot(driver, url: str, workflow: Path, nodes: list[str], out: Path, wait_im
         wait_for(f"{wait_images}'s image", lambda: driver.execute_script(
             f"return !!{APP}.graph._nodes.find((n) => n.type === arguments[0])?.imgs?.length;", wait_images), timeout=600)
     driver.execute_script(FRAME_JS, 80, 170)
-    driver.execute_script("document.querySelectorAll('.p-dialog-mask').forEach((e) => e.remove());")
+    close_dialogs(driver)
     time.sleep(2)  # two frames: the DOM widgets follow the canvas' new offset
     left, top, right, bottom = driver.execute_script(RECT_JS, nodes)
     shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")

@@ -80,6 +80,7 @@ const BLOCK_GAP = 4;
 const SECTION_GAP = 6;
 const SKIPPED_SHOWN = 6;
 const FONT = "11px sans-serif";
+const WIDGET_MARGIN = 10;
 
 function outcomeColour(outcome) {
   return OUTCOME_COLOURS[outcome] ?? (String(outcome).startsWith("skip:") ? OTHER_SKIPPED : OTHER_TRANSFERRED);
@@ -238,6 +239,8 @@ class ReportView {
     this.fillSkipped();
     this.fillLegend();
     this.draw();
+    // Once more after the browser laid out the new content (a legend that wraps adds a line).
+    setTimeout(() => this.resize(), 150);
   }
 
   fillSkipped() {
@@ -365,7 +368,8 @@ class ReportView {
   }
 
   contentHeight() {
-    let height = 8;
+    // Padding, plus the frontend's margin around a DOM widget (BaseDOMWidgetImpl.DEFAULT_MARGIN, above and below).
+    let height = 8 + 2 * WIDGET_MARGIN;
     for (const child of this.root.children) {
       if (child.style.display === "none") continue;
       height += child.offsetHeight + 3;
@@ -407,6 +411,7 @@ function showView(node, view, text, { save = true } = {}) {
     widget = node.addDOMWidget(WIDGET_NAME, "lorax_view", report.root, {
       serialize: false,
       hideOnZoom: false,
+      margin: WIDGET_MARGIN,
       getValue: () => report.text,
       setValue: () => {},
       getMinHeight: () => report.height,
