@@ -30,8 +30,8 @@ from .errors import (
 from .formats import looks_like_lora, read_keys, read_lora, write_lora
 from .formats.family import guess_family
 from .formats.io import check_output_path, same_path, write_text
-from .modelio import FileWeights, SafetensorsWeights, open_model
-from .pipeline import ModelInfo, check_source_bases, output_metadata, output_names, plan_transfer
+from .modelio import SafetensorsWeights, open_model
+from .pipeline import file_model_info, plan_transfer, run_transfer
 from .types import METHODS, LoraFactors, TransferOptions, check_device, json_safe
 from .version import TOOL_VERSION
 
@@ -196,8 +196,6 @@ def _discard_stdout() -> None:
 
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
-    from .transfer import transfer_adapter
-
     check_device(args.device, option="--device")
     check_output_path(args.out, overwrite=args.overwrite)
     if args.report is not None:
@@ -227,44 +225,35 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     source, target = open_model(args.source), open_model(args.target)
     key_map, convert = _comfyui_key_map(args.comfyui, args.source, args.lora) if args.comfyui else (None, None)
     lora = read_lora(args.lora, key_transform=convert)
-    plan = plan_transfer(lora, source, key_map, source_name=str(source.path))
-    target.add_slices(plan.layers)  # slices of fused weights the plan uses (Flux/SD3 qkv) exist in the target too
-    cache = _cache(args)
-    bases_note = check_source_bases(lora, plan, source, cache, options.device)
     with _progress("transfer", args.quiet) as progress:
-        result = transfer_adapter(
-            plan.layers,
+        job = run_transfer(
+            lora,
             source,
             target,
             options,
-            names=plan.names,
-            skipped=plan.skipped,
-            cache=cache,
+            lora_name=Path(args.lora).name,
+            source_info=file_model_info(source),
+            target_info=file_model_info(target),
+            host="command line",
+            key_map=key_map,
+            source_name=str(source.path),
+            style=args.style,
+            cache=_cache(args),
             progress=progress,
         )
-    names = output_names(result, plan, lora.format, args.style)
-    out_layers = {names[key]: factors for key, factors in result.layers.items()}
-    metadata = output_metadata(
-        lora,
-        options,
-        lora_name=Path(args.lora).name,
-        source=_model_info(source),
-        target=_model_info(target),
-        report=result.report,
-        host="command line",
-    )
+    result = job.result
     # The LoRA and its report are written together: both or neither.
     write_lora(
         args.out,
-        out_layers,
+        job.out_layers,
         style="comfy" if args.style == "comfy" else lora,
-        metadata=metadata,
+        metadata=job.metadata,
         overwrite=args.overwrite,
         extra_files={args.report: result.report.to_json()} if args.report is not None else None,
     )
     print(result.report.summary())
-    if bases_note:
-        print(bases_note)
+    if job.bases_note:
+        print(job.bases_note)
     print(f"wrote {args.out}" + (f" and {args.report}" if args.report is not None else ""))
     totals = result.report.totals()
     if totals["skipped"]:
@@ -520,12 +509,6 @@ def _cache(args: argparse.Namespace) -> object:
     from .cache import open_cache
 
     return open_cache(args.cache_dir, enabled=not args.no_cache)
-
-
-def _model_info(weights: FileWeights) -> ModelInfo:
-    """A model file as provenance metadata names it (file name, fingerprint, guessed family)."""
-    family = guess_family(weights.file_shapes, weights.metadata) or ""
-    return ModelInfo(name=weights.path.name, fingerprint=weights.fingerprint, family=family)
 
 
 def _check_text_output(path: Path, overwrite: bool) -> None:

@@ -3,6 +3,9 @@
 A front end (``lorax_core.cli``, ``nodes/transfer.py``) only adapts its inputs — files or
 ComfyUI objects, a key map, progress, cancel, cache location — and presents the result:
 
+:func:`run_transfer` runs the whole job — every step below in order — and is the one call every
+front end and benchmark makes, so a new step is added in one place:
+
 1. :func:`plan_transfer` — resolve the LoRA's layer names to source model keys (with the host's
    key map when it has one), check every layer's shape against its source weight; no weight is
    read. Every layer ends up either planned or in ``skipped`` with its reason.
@@ -16,16 +19,20 @@ ComfyUI objects, a key map, progress, cancel, cache location — and presents th
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from .errors import NothingTransferableError, ShapeMismatchError
 from .formats import LoraFile
+from .formats.family import guess_family
 from .formats.resolve import KeyMap, layer_name_for, resolve_layers
 from .slices import parse_slice_key
 from .types import (
     AdapterLayer,
+    LoraFactors,
     Skip,
     SkipReason,
     TransferOptions,
@@ -36,13 +43,22 @@ from .types import (
 )
 from .version import TOOL_VERSION
 
+if TYPE_CHECKING:
+    from .cache import SubspaceCache
+    from .modelio import FileWeights
+    from .similarity import SimilarityTable
+    from .subspaces import SubspaceProvider
+
 __all__ = [
     "ModelInfo",
+    "TransferJob",
     "TransferPlan",
     "check_source_bases",
+    "file_model_info",
     "output_metadata",
     "output_names",
     "plan_transfer",
+    "run_transfer",
 ]
 
 #: Source LoRA metadata that describes the source file itself and would be wrong for the output
@@ -81,6 +97,12 @@ class ModelInfo:
     name: str
     fingerprint: str
     family: str = ""
+
+
+def file_model_info(weights: FileWeights) -> ModelInfo:
+    """A model file as provenance metadata names it (file name, fingerprint, guessed family)."""
+    family = guess_family(weights.file_shapes, weights.metadata) or ""
+    return ModelInfo(name=weights.path.name, fingerprint=weights.fingerprint, family=family)
 
 
 def plan_transfer(
@@ -259,3 +281,111 @@ def reason_counts(reasons: Iterable[Skip | str]) -> str:
     if len(counts) > 3:
         parts.append(f"{len(counts) - 3} other reasons")
     return "; ".join(parts) or "no layers"
+
+
+@dataclass
+class TransferJob:
+    """Everything one transfer produced (:func:`run_transfer`), ready for a front end to write or wrap.
+
+    Attributes:
+        plan: the plan of step 1 (its ``names`` are the LoRA's own layer names).
+        result: the core's result; ``result.layers`` is keyed by *target* model key.
+        names: ``{target model key: output layer name}`` in the requested style (step 3).
+        metadata: the output file's string metadata (step 4).
+        bases_note: the LoRA-X base check's line for the report ("" for a standard LoRA).
+        seconds: wall seconds per step (``plan``, ``check_bases``, ``transfer``, ``finish``), for
+            progress summaries and benchmarks.
+    """
+
+    plan: TransferPlan
+    result: TransferResult
+    names: dict[str, str]
+    metadata: dict[str, str]
+    bases_note: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def out_layers(self) -> dict[str, LoraFactors]:
+        """``{output layer name: LoraFactors}``, what :func:`lorax_core.formats.write_lora` takes."""
+        return {self.names[key]: factors for key, factors in self.result.layers.items()}
+
+
+def run_transfer(
+    lora: LoraFile,
+    source: WeightSource,
+    target: WeightSource,
+    options: TransferOptions,
+    *,
+    lora_name: str,
+    source_info: ModelInfo,
+    target_info: ModelInfo,
+    host: str,
+    key_map: KeyMap | None = None,
+    source_name: str = "the source model",
+    host_rule: Callable[[str, str | None], str] | None = None,
+    style: Literal["source", "comfy"] = "source",
+    cache: SubspaceCache | None = None,
+    similarity: SimilarityTable | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    provider: SubspaceProvider | None = None,
+) -> TransferJob:
+    """One LoRA transfer, every step in order: the single entry point of every front end.
+
+    Steps: :func:`plan_transfer` → slices of fused weights registered on the target (a target
+    with ``add_slices``, i.e. a file; a host model lists its slices itself) → the LoRA-X base
+    check (:func:`check_source_bases`) → :func:`lorax_core.transfer.transfer_adapter` (gather,
+    decompose, transfer; LoRA-X, arXiv 2501.16559 §3; ProLoRA, arXiv 2506.04244 §3) →
+    :func:`output_names` → :func:`output_metadata`. Nothing is written: the front end writes
+    (CLI, folder migration) or wraps (ComfyUI) the returned job.
+
+    Args:
+        lora: the LoRA as read by :mod:`lorax_core.formats`.
+        source, target: the base models (read one weight at a time; float32 upcast by the core,
+            on ``options.device``; the result's factors are on CPU in the LoRA's dtype).
+        options: see :class:`~lorax_core.types.TransferOptions`.
+        lora_name, source_info, target_info, host: provenance, see :func:`output_metadata`.
+        key_map, source_name, host_rule: see :func:`plan_transfer`.
+        style: output key style, see :func:`output_names`.
+        cache, similarity, progress, provider: see :func:`lorax_core.transfer.transfer_adapter`;
+            the base check uses the same cache, so the subspaces it computes are reused.
+
+    Returns:
+        The :class:`TransferJob`.
+
+    Raises:
+        NothingTransferableError, ShapeMismatchError: see :func:`plan_transfer`.
+        IncompatibleBaseError, FormatError: see :func:`check_source_bases`.
+        OptionError, LayerSkippedError: see :func:`~lorax_core.transfer.transfer_adapter`.
+    """
+    from .transfer import transfer_adapter
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    plan = plan_transfer(lora, source, key_map, source_name=source_name, host_rule=host_rule)
+    add_slices = getattr(target, "add_slices", None)
+    if add_slices is not None:
+        # The core pairs layers by the target's keys before reading any: slices of fused weights
+        # (Flux/SD3 qkv) the plan uses must be listed by the target file too.
+        add_slices(plan.layers)
+    seconds["plan"], start = time.perf_counter() - start, time.perf_counter()
+    bases_note = check_source_bases(lora, plan, source, cache, options.device)
+    seconds["check_bases"], start = time.perf_counter() - start, time.perf_counter()
+    result = transfer_adapter(
+        plan.layers,
+        source,
+        target,
+        options,
+        names=plan.names,
+        skipped=plan.skipped,
+        similarity=similarity,
+        cache=cache,
+        progress=progress,
+        provider=provider,
+    )
+    seconds["transfer"], start = time.perf_counter() - start, time.perf_counter()
+    names = output_names(result, plan, lora.format, style)
+    metadata = output_metadata(
+        lora, options, lora_name=lora_name, source=source_info, target=target_info, report=result.report, host=host
+    )
+    seconds["finish"] = time.perf_counter() - start
+    return TransferJob(plan=plan, result=result, names=names, metadata=metadata, bases_note=bases_note, seconds=seconds)

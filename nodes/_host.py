@@ -351,13 +351,11 @@ def load_lora_file(name: str | None, lora: Mapping[str, torch.Tensor] | None) ->
     return read_lora(_find(("loras",), name, "LoRA"), key_transform=comfy.lora_convert.convert_lora)
 
 
-def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | None,
-                  key_map: Mapping[str, Any] | None = None) -> TransferPlan:
-    """The core's transfer plan with ComfyUI's key map (:func:`lorax_core.pipeline.plan_transfer`).
+def clip_rule(clip: Any | None) -> Callable[[str, str | None], str]:
+    """The nodes' own planning rule (``host_rule`` of :func:`lorax_core.pipeline.plan_transfer`).
 
-    The key map comes from the target ``MODEL``/``CLIP`` (same family ⇒ same names as the
-    source); pass :attr:`PatcherWeights.key_map` when there is one already. The node's own rule: without a target CLIP, text-encoder layers are skipped with a
-    pointer to the ``target_clip`` input; the core reports them, nothing is dropped.
+    Without a target CLIP, text-encoder layers are skipped with a pointer to the ``target_clip``
+    input; the core reports them, nothing is dropped.
     """
 
     def needs_clip(name: str, key: str | None) -> str:
@@ -366,9 +364,20 @@ def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | N
         is_te = name.startswith(TE_LAYER_PREFIXES) if key is None else key.startswith(TE_PREFIX)
         return TE_NEEDS_CLIP if is_te else ""
 
+    return needs_clip
+
+
+def plan_transfer(lora: LoraFile, source: SourceModel, model: Any, clip: Any | None,
+                  key_map: Mapping[str, Any] | None = None) -> TransferPlan:
+    """The core's transfer plan with ComfyUI's key map (:func:`lorax_core.pipeline.plan_transfer`).
+
+    The key map comes from the target ``MODEL``/``CLIP`` (same family ⇒ same names as the
+    source); pass :attr:`PatcherWeights.key_map` when there is one already. The nodes' own rule
+    is :func:`clip_rule`.
+    """
     return core_plan_transfer(
         lora, source.weights, lora_key_map(model, clip) if key_map is None else key_map, source_name=source.name,
-        host_rule=needs_clip,
+        host_rule=clip_rule(clip),
     )
 
 

@@ -15,10 +15,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..lorax_core.errors import LoraxError, with_context
-from ..lorax_core.formats import LoraFile
-from ..lorax_core.pipeline import ModelInfo, output_metadata
+from ..lorax_core.pipeline import ModelInfo
 from ..lorax_core.similarity import SimilarityTable
-from ..lorax_core.types import METHODS, LayerReport, SkipReason, TransferOptions, TransferReport, TransferResult
+from ..lorax_core.types import METHODS, LayerReport, SkipReason, TransferOptions, TransferReport
 
 if TYPE_CHECKING:
     from ._host import SourceModel
@@ -293,20 +292,12 @@ def report_ui(text: str, view: dict[str, Any] | None = None) -> dict[str, list[A
     return out
 
 
-def provenance(lora: LoraFile, result: TransferResult, options: TransferOptions, source: SourceModel,
-               target_family: str, target_fingerprint: str, lora_name: str) -> dict[str, str]:
-    """String metadata written with a saved LoRA: the core's one builder
-    (:func:`lorax_core.pipeline.output_metadata`), so the node and the CLI write the same keys and
-    keep the source LoRA's own metadata (trigger words, base model version)."""
-    return output_metadata(
-        lora,
-        options,
-        lora_name=lora_name,
-        source=ModelInfo(name=source.name, fingerprint=source.weights.fingerprint, family=str(source.family or "")),
-        target=ModelInfo(name=f"the connected MODEL ({target_family})", fingerprint=target_fingerprint,
-                         family=target_family),
-        report=result.report,
-        host="ComfyUI node pack",
+def model_infos(source: SourceModel, target_family: str, target_fingerprint: str) -> tuple[ModelInfo, ModelInfo]:
+    """How provenance metadata (:func:`lorax_core.pipeline.output_metadata`) names the source file and
+    the connected target ``MODEL``, so the node and the CLI write the same keys."""
+    return (
+        ModelInfo(name=source.name, fingerprint=source.weights.fingerprint, family=str(source.family or "")),
+        ModelInfo(name=f"the connected MODEL ({target_family})", fingerprint=target_fingerprint, family=target_family),
     )
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from comfy_api.v0_0_2 import io
 
-from ..lorax_core.pipeline import check_source_bases
-from ..lorax_core.transfer import transfer_adapter
+from ..lorax_core.cache import SubspaceCache
+from ..lorax_core.formats import LoraFile
+from ..lorax_core.pipeline import TransferJob, run_transfer
+from ..lorax_core.types import TransferOptions
 from . import _host
 from ._types import LoraxSimilarity, LoraxSource
 from ._ui import (
@@ -22,8 +27,8 @@ from ._ui import (
     TIP_TARGET_CLIP,
     TIP_THRESHOLD,
     TIP_USE_CACHE,
+    model_infos,
     node_errors,
-    provenance,
     report_text,
     report_ui,
     transfer_options,
@@ -73,19 +78,26 @@ class LoraXTransferLoRA(io.ComfyNode):
         with node_errors(DISPLAY_NAME):
             lora_file = _host.load_lora_file(None if lora_name == NO_LORA else lora_name, lora)
             target_weights = _host.PatcherWeights(target, target_clip)
-            plan = _host.plan_transfer(lora_file, source, target, target_clip, target_weights.key_map)
             options = transfer_options(method, rank, threshold, _host.compute_device())
-            cache = _host.subspace_cache(use_cache)
-            bases_note = check_source_bases(lora_file, plan, source.weights, cache, options.device)
-            result = transfer_adapter(
-                plan.layers, source.weights, target_weights, options, names=plan.names, skipped=plan.skipped,
-                similarity=similarity, cache=cache, progress=_host.progress_callback(),
-            )
             lora_name_used = "LORA_MODEL input" if lora is not None else lora_name
-            meta = provenance(lora_file, result, options, source, _host.model_family(target),
-                              target_weights.fingerprint, lora_name_used)
-            out = _host.wrap_result(result, plan, lora_file, meta)
+            job = transfer_in_host(lora_file, lora_name_used, source, target, target_clip, target_weights, options,
+                                   _host.subspace_cache(use_cache), _host.progress_callback(), similarity)
+            out = _host.wrap_result(job.result, job.plan, lora_file, job.metadata)
         title = f"{lora_name_used}: {source.family} → {_host.model_family(target)}"
-        text = report_text(result.report, title)
-        text = f"{text}\n{bases_note}" if bases_note else text
-        return io.NodeOutput(out, text, ui=report_ui(text, transfer_view(result.report, title)))
+        text = report_text(job.result.report, title)
+        text = f"{text}\n{job.bases_note}" if job.bases_note else text
+        return io.NodeOutput(out, text, ui=report_ui(text, transfer_view(job.result.report, title)))
+
+
+def transfer_in_host(lora_file: LoraFile, lora_name: str, source: _host.SourceModel, target: Any, target_clip: Any,
+                     target_weights: _host.PatcherWeights, options: TransferOptions, cache: SubspaceCache,
+                     progress: Callable[[int, int], None], similarity: Any = None) -> TransferJob:
+    """One LoRA onto a ComfyUI target: the core's one entry point (:func:`lorax_core.pipeline.run_transfer`)
+    with the host's key map (from ``target_weights``), its text-encoder rule and its provenance names.
+    Shared by Transfer LoRA and Migrate LoRA Folder."""
+    source_info, target_info = model_infos(source, _host.model_family(target), target_weights.fingerprint)
+    return run_transfer(
+        lora_file, source.weights, target_weights, options, lora_name=lora_name, source_info=source_info,
+        target_info=target_info, host="ComfyUI node pack", key_map=target_weights.key_map, source_name=source.name,
+        host_rule=_host.clip_rule(target_clip), cache=cache, similarity=similarity, progress=progress,
+    )

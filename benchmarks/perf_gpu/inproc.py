@@ -3,15 +3,17 @@
     python -m benchmarks.perf_gpu.inproc --spec RUN/spec.json --lora a|b --cache DIR --out OUT --result R.json
 
 It makes the public calls ``python -m lorax_core transfer`` makes (``lorax_core/cli.py``): ``open_model``,
-``read_lora``, ``plan_transfer``, ``add_slices``, the ``DiskCache`` of ``open_cache``,
-``check_source_bases``, ``transfer_adapter``, ``output_names``, ``write_lora``, after creating the
-CUDA context (as a ComfyUI process has it). The stages come from timing subclasses of the cache
+``read_lora``, the ``DiskCache`` of ``open_cache``, the one transfer entry point
+``lorax_core.pipeline.run_transfer`` and ``write_lora``, after creating the CUDA context (as a
+ComfyUI process has it). The stages come from timing subclasses of the cache
 (:class:`~lorax_core.cache.DiskCache`) and of the subspace provider
 (:class:`~lorax_core.subspaces.SubspaceProvider`, handed to ``transfer_adapter``) and from
 :class:`benchmarks.perf.worker.TimedSource` around each model, as in :mod:`benchmarks.perf.worker`,
 whose ``TimedCache`` is not a writable cache and so would turn the batched CUDA path off:
 
-* ``open_and_read_lora``, ``check_source_bases``, ``write_output``: wall time of those calls;
+* ``open_and_read_lora`` (with the plan), ``check_source_bases``, ``write_output`` (with names and
+  metadata): wall time of those calls and steps (``TransferJob.seconds``); the base check reads
+  through the timed models (a standard LoRA's check reads nothing);
 * ``subspaces``: inside the provider (``prefetch`` and ``get``) on the main thread, of which
   ``read_base_weights`` and ``cache_io`` are the main thread's reads and cache calls (a cache call
   excludes the decomposition it triggers) and ``decompose`` the rest: the decompositions, and in the
@@ -145,8 +147,7 @@ def run_inproc(spec: dict[str, object], lora_path: Path, cache_dir: Path, out: P
     """One transfer as the CLI runs it, in this process; seconds by stage and counters."""
     from lorax_core.formats import read_lora, write_lora
     from lorax_core.modelio import open_model
-    from lorax_core.pipeline import check_source_bases, output_names, plan_transfer
-    from lorax_core.transfer import transfer_adapter
+    from lorax_core.pipeline import file_model_info, run_transfer
     from lorax_core.types import TransferOptions
 
     device = str(spec["device"])
@@ -155,21 +156,19 @@ def run_inproc(spec: dict[str, object], lora_path: Path, cache_dir: Path, out: P
     t0 = time.perf_counter()
     source, target = open_model(run / "source.safetensors"), open_model(run / "target.safetensors")
     lora = read_lora(lora_path)
-    plan = plan_transfer(lora, source, None, source_name=str(source.path))
-    target.add_slices(plan.layers)
     cache = _Cache(cache_dir)
     provider = _Provider(cache, device)
     src, tgt = _Source(source), _Source(target)
     t1 = time.perf_counter()
-    check_source_bases(lora, plan, source, cache, device)
-    t2 = time.perf_counter()
-    result = transfer_adapter(
-        plan.layers, src, tgt, options, names=plan.names, skipped=plan.skipped, cache=cache, provider=provider
-    )
+    job = run_transfer(
+        lora, src, tgt, options, lora_name=lora_path.name, source_info=file_model_info(source),
+        target_info=file_model_info(target), host="command line", source_name=str(source.path), cache=cache,
+        provider=provider,
+    )  # fmt: skip
     t3 = time.perf_counter()
-    names = output_names(result, plan, lora.format)
-    write_lora(out, {names[k]: f for k, f in result.layers.items()}, style=lora, overwrite=True)
+    write_lora(out, job.out_layers, style=lora, metadata=job.metadata, overwrite=True)
     t4 = time.perf_counter()
+    result, steps = job.result, job.seconds
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     reads_main = src.clock.main + tgt.clock.main
     subspaces = provider.subspaces.main
@@ -184,15 +183,15 @@ def run_inproc(spec: dict[str, object], lora_path: Path, cache_dir: Path, out: P
         "skipped": totals["skipped"],
         "skipped_by_reason": totals["skipped_by_reason"],
         "phases_s": {
-            "open_and_read_lora": t1 - t0,
-            "check_source_bases": t2 - t1,
+            "open_and_read_lora": t1 - t0 + steps["plan"],
+            "check_source_bases": steps["check_bases"],
             "subspaces": subspaces,
             "read_base_weights": reads_main,
             "cache_io": cache.clock.main,
             "decompose": max(0.0, subspaces - reads_main - cache.clock.main),
             "flush": flush,
-            "transfer_maths_and_similarity": max(0.0, (t3 - t2) - subspaces - flush),
-            "write_output": t4 - t3,
+            "transfer_maths_and_similarity": max(0.0, steps["transfer"] - subspaces - flush),
+            "write_output": t4 - t3 + steps["finish"],
         },
         "reads_all_threads_s": src.clock.total + tgt.clock.total,
         "cache_io_all_threads_s": cache.clock.total,
