@@ -30,6 +30,7 @@ from .errors import (
 from .formats import looks_like_lora, read_keys, read_lora, write_lora
 from .formats.family import guess_family
 from .formats.io import check_output_path, same_path, write_text
+from .library import EXIT_PARTIAL, SUMMARY_JSON, SUMMARY_MD, LibraryRow, migrate_library, transfer_status
 from .modelio import SafetensorsWeights, open_model
 from .pipeline import file_model_info, plan_transfer, run_transfer
 from .types import METHODS, LoraFactors, TransferOptions, check_device, json_safe
@@ -46,6 +47,8 @@ PROG = "lorax_core"
 #: Exit status when the reader of our output goes away (``… | head``): 128 + SIGPIPE, what a
 #: shell reports for a Unix tool stopped the same way.
 EXIT_BROKEN_PIPE = 141
+#: Exit status after Ctrl-C: 128 + SIGINT, as a shell reports it.
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Move LoRA adapters from one base model to another without data or training "
             "(LoRA-X, arXiv 2501.16559; ProLoRA, arXiv 2506.04244)."
         ),
-        epilog="Exit status: 0 on success, 2 on bad input (one line on stderr says what and how to fix it).",
+        epilog=f"Exit status: 0 on success; {EXIT_PARTIAL} when something was written but some layers or files were "
+        "not transferred (transfer, migrate); 2 on bad input or when nothing could be transferred (one line on "
+        f"stderr says what and how to fix it); {EXIT_INTERRUPTED} when interrupted (Ctrl-C).",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {TOOL_VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,30 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", required=True, type=Path, help="base model to move the LoRA to (.safetensors)")
     t.add_argument("--lora", required=True, type=Path, help="the LoRA (kohya, ComfyUI, PEFT/diffusers or LoRA-X)")
     t.add_argument("--out", required=True, type=Path, help="output LoRA file (.safetensors)")
-    t.add_argument("--method", choices=METHODS, default="auto", help="transfer method (default: %(default)s)")
-    t.add_argument(
-        "--rank", type=int, default=320, help="subspace rank R per layer (default: %(default)s, as the paper)"
-    )
-    t.add_argument(
-        "--threshold",
-        type=float,
-        default=0.5,
-        help="c in τ = chance + c·(1 − chance): how far above chance Φ must be (default: %(default)s)",
-    )
-    t.add_argument("--output-rank", type=int, default=None, help="re-compress every output layer to this rank")
-    t.add_argument(
-        "--match", choices=("auto", "name", "similarity"), default="auto", help="layer pairing (default: %(default)s)"
-    )
-    t.add_argument("--force", action="store_true", help="transfer layers below the threshold too (still reported)")
-    t.add_argument("--strict", action="store_true", help="fail instead of skipping any layer")
-    t.add_argument(
-        "--style",
-        choices=("source", "comfy"),
-        default="source",
-        help="output key style: the source file's (default) or ComfyUI-native diffusion_model.* names",
-    )
+    _transfer_options(t)
     t.add_argument("--report", type=Path, default=None, help="write the per-layer report as JSON here")
     _common(t, comfyui=True, cache=True)
+
+    m = sub.add_parser(
+        "migrate",
+        help="transfer every LoRA of a folder (recursively) to a new base model; resumable, one summary",
+        description="Transfer every LoRA under LORA_DIR from SOURCE to TARGET, writing each to the same relative "
+        "path under OUT_DIR (in its own key style, with its .report.json beside it), and summary.json + "
+        "summary.md in OUT_DIR. The base pair is read and decomposed once. A file that cannot be transferred "
+        "(another family, LoHa/LoKr, damaged, a pickle, a name clash) is one row of the summary; the run goes "
+        "on. Re-running the same command keeps outputs newer than their input (resume).",
+    )
+    m.add_argument("--source", required=True, type=Path, help="base model the LoRAs were trained on (.safetensors)")
+    m.add_argument("--target", required=True, type=Path, help="base model to move the LoRAs to (.safetensors)")
+    m.add_argument("--lora-dir", required=True, type=Path, help="the folder of LoRAs (walked recursively)")
+    m.add_argument("--out-dir", required=True, type=Path, help="where the transferred LoRAs and the summary go")
+    m.add_argument(
+        "--pattern", default="*", help="only files whose name matches this glob, e.g. '*style*' (default: all)"
+    )
+    _transfer_options(m)
+    _common(m, comfyui=False, cache=True)
 
     s = sub.add_parser(
         "similarity",
@@ -136,6 +139,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _transfer_options(t: argparse.ArgumentParser) -> None:
+    """The transfer options ``transfer`` and ``migrate`` share."""
+    t.add_argument("--method", choices=METHODS, default="auto", help="transfer method (default: %(default)s)")
+    t.add_argument(
+        "--rank", type=int, default=320, help="subspace rank R per layer (default: %(default)s, as the paper)"
+    )
+    t.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="c in τ = chance + c·(1 − chance): how far above chance Φ must be (default: %(default)s)",
+    )
+    t.add_argument("--output-rank", type=int, default=None, help="re-compress every output layer to this rank")
+    t.add_argument(
+        "--match", choices=("auto", "name", "similarity"), default="auto", help="layer pairing (default: %(default)s)"
+    )
+    t.add_argument("--force", action="store_true", help="transfer layers below the threshold too (still reported)")
+    t.add_argument("--strict", action="store_true", help="fail instead of skipping any layer")
+    t.add_argument(
+        "--style",
+        choices=("source", "comfy"),
+        default="source",
+        help="output key style: the source file's (default) or ComfyUI-native diffusion_model.* names",
+    )
+
+
+def _options(args: argparse.Namespace) -> TransferOptions:
+    """The core's options from the shared transfer flags."""
+    return TransferOptions(
+        method=args.method,
+        rank=args.rank,
+        threshold=args.threshold,
+        force=args.force,
+        output_rank=args.output_rank,
+        match=args.match,
+        strict=args.strict,
+        device=args.device,
+    )
+
+
 def _common(p: argparse.ArgumentParser, *, comfyui: bool, cache: bool) -> None:
     p.add_argument("--device", default="cpu", help="where the linear algebra runs: cpu, cuda, cuda:1 … (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -154,10 +197,12 @@ def _common(p: argparse.ArgumentParser, *, comfyui: bool, cache: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input, 141 output pipe closed)."""
+    """Run the command line; returns the exit status (0 ok, 3 partial, 2 bad input or nothing done,
+    130 interrupted, 141 output pipe closed)."""
     parser = build_parser()
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "transfer": _cmd_transfer,
+        "migrate": _cmd_migrate,
         "similarity": _cmd_similarity,
         "inspect": _cmd_inspect,
         "cache": _cmd_cache,
@@ -175,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 message = message.replace(CacheError.FIX, "pass --no-cache")
             print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
             status = 2
+        except KeyboardInterrupt:
+            # Outputs are published atomically: nothing half-written is left, and a cache entry
+            # is either complete or absent.
+            print(f"{PROG} {args.command}: interrupted; finished files are kept, nothing half-written is left "
+                  "(re-run the same command to resume).", file=sys.stderr)  # fmt: skip
+            status = EXIT_INTERRUPTED
         # Flush here, not at interpreter exit, so that a closed pipe is caught below.
         sys.stdout.flush()
         return status
@@ -212,16 +263,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
                     f"{out_option} {out_path} is the {in_option} file; writing it would destroy an input. "
                     "Choose another output name."
                 )
-    options = TransferOptions(
-        method=args.method,
-        rank=args.rank,
-        threshold=args.threshold,
-        force=args.force,
-        output_rank=args.output_rank,
-        match=args.match,
-        strict=args.strict,
-        device=args.device,
-    )
+    options = _options(args)
     source, target = open_model(args.source), open_model(args.target)
     key_map, convert = _comfyui_key_map(args.comfyui, args.source, args.lora) if args.comfyui else (None, None)
     lora = read_lora(args.lora, key_transform=convert)
@@ -260,7 +302,61 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         # stdout may be a pipe into a log; a partial transfer must also reach the terminal.
         print(f"lorax transfer: WARNING: {totals['skipped']} of {totals['layers']} layers were not transferred "
               "(reasons above and in the report); pass --strict to make this an error.", file=sys.stderr)  # fmt: skip
-    return 0
+    return transfer_status(result.report.to_dict())
+
+
+# ---------------------------------------------------------------- migrate
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    """Transfer a folder of LoRAs; one line per file on stdout, an overall bar on stderr, one summary."""
+    from tqdm import tqdm
+
+    from .cache import DEFAULT_MEMORY_BYTES, MemoryCache
+
+    check_device(args.device, option="--device")
+    for in_option in ("--source", "--target"):
+        path = getattr(args, in_option[2:])
+        if Path(args.out_dir).resolve() in Path(path).resolve().parents:
+            raise OptionError(
+                f"--out-dir {args.out_dir} holds the {in_option} file; choose an output folder of its own."
+            )
+    options = _options(args)
+    source, target = open_model(args.source), open_model(args.target)
+    # Without the disk cache the pair is still decomposed once per run: in memory, up to a bound.
+    cache = MemoryCache(4 * DEFAULT_MEMORY_BYTES) if args.no_cache else _cache(args)
+    width = [0]
+
+    def on_row(index: int, total: int, row: LibraryRow) -> None:
+        width[0] = width[0] or len(str(total))
+        # tqdm.write keeps the bar (stderr, on a terminal) below the lines instead of tearing it.
+        tqdm.write(f"[{index + 1:>{width[0]}}/{total}] {row.line()}", file=sys.stdout)
+
+    with _progress("migrate", args.quiet, unit="file") as bar:
+        summary = migrate_library(
+            args.lora_dir,
+            args.out_dir,
+            source,
+            target,
+            options,
+            source_info=file_model_info(source),
+            target_info=file_model_info(target),
+            host="command line",
+            pattern=args.pattern,
+            style=args.style,
+            cache=cache,
+            overwrite=args.overwrite,
+            strict=args.strict,
+            progress=lambda i, n, d, t: bar(i, n) if t == 0 else None,
+            on_row=on_row,
+        )
+    print(f"{summary.headline()}.")
+    print(f"summary: {Path(args.out_dir) / SUMMARY_MD} and {SUMMARY_JSON}")
+    status = summary.exit_status()
+    if status != 0:
+        print(f"lorax migrate: WARNING: {summary.headline()}; the problems are listed first in "
+              f"{Path(args.out_dir) / SUMMARY_MD}.", file=sys.stderr)  # fmt: skip
+    return status
 
 
 # ---------------------------------------------------------------- similarity
@@ -470,7 +566,7 @@ class _LogLines:
 
 
 @contextmanager
-def _progress(desc: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+def _progress(desc: str, quiet: bool, unit: str = "layer") -> Iterator[Callable[[int, int], None]]:
     """A ``progress(done, total)`` callback driving a tqdm bar on stderr.
 
     On a terminal the bar redraws in place. Anywhere else (stderr piped to a log) tqdm writes a
@@ -483,14 +579,14 @@ def _progress(desc: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
     bar = tqdm(
         total=0,
         desc=desc,
-        unit="layer",
+        unit=unit,
         disable=quiet,
         leave=not tty,  # on a terminal the finished bar is erased; in a log the last line stays
         file=sys.stderr if tty else _LogLines(sys.stderr),
         mininterval=0.1 if tty else LOG_PROGRESS_INTERVAL_S,
         bar_format=None
         if tty
-        else "{desc}: {n_fmt}/{total_fmt} layers ({percentage:.0f}%), {elapsed} elapsed, {remaining} left",
+        else "{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f}%), {elapsed} elapsed, {remaining} left",
         delay=0 if tty else LOG_PROGRESS_INTERVAL_S,  # a short run prints nothing, as before
     )
 

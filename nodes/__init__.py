@@ -7,6 +7,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .apply import LoraXApplyTransferredLoRA
 from .compare import LoraXCompareTransfer
 from .load import LoraXLoadSourceModel
+from .migrate import LoraXMigrateLoRAFolder
 from .refine import LoraXRefineTransferredLoRA
 from .save import LoraXSaveLoRAX, LoraXSaveTransferredLoRA
 from .similarity import LoraXSubspaceSimilarity
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoraXTransferLoRA,
     LoraXApplyTransferredLoRA,
     LoraXSaveTransferredLoRA,
+    LoraXMigrateLoRAFolder,
     LoraXRefineTransferredLoRA,
     LoraXTrainLoRAX,
     LoraXSaveLoRAX,

@@ -38,7 +38,14 @@ import torch
 from comfy.weight_adapter import LoRAAdapter
 
 from ..lorax_core.cache import DiskCache, MemoryCache, NullCache, SubspaceCache
-from ..lorax_core.errors import CacheError, FormatError, IncompatibleBaseError, OutputError, OutputExistsError
+from ..lorax_core.errors import (
+    CacheError,
+    FormatError,
+    IncompatibleBaseError,
+    OptionError,
+    OutputError,
+    OutputExistsError,
+)
 from ..lorax_core.formats import LoraFile, parse_lora, read_lora, write_lora
 from ..lorax_core.formats.base import layer_tensors
 from ..lorax_core.formats.keys import COMFY_STYLE, KOHYA_TEXT_ENCODERS, split_key
@@ -675,3 +682,30 @@ def loras_relative_name(path: Path) -> str:
     """The name the stock ``LoraLoader`` lists for ``path`` (relative to its ``loras`` folder)."""
     root = Path(folder_paths.get_folder_paths("loras")[0])
     return path.relative_to(root).as_posix()
+
+
+ALL_LORAS = "(all loras)"
+
+
+def lora_subfolders() -> list[str]:
+    """The folder choices of Migrate LoRA Folder: :data:`ALL_LORAS`, then every sub-folder holding a LoRA
+    (``/``-separated, relative to the ``loras`` folders; the pack's own ``lorax/`` outputs excluded)."""
+    folders = {Path(name).parent.as_posix() for name in lora_names()}
+    return [ALL_LORAS, *sorted(f for f in folders if f != "." and f.split("/")[0] != SAVE_SUBFOLDER)]
+
+
+def lora_subfolder(name: str) -> Path:
+    """The folder a :func:`lora_subfolders` choice names: under the first ``loras`` folder that has it.
+
+    Raises:
+        OptionError: no ``loras`` folder holds it (it was moved since the list was made).
+    """
+    roots = [Path(p) for p in folder_paths.get_folder_paths("loras")]
+    for root in roots:
+        folder = root if name == ALL_LORAS else root / name
+        if folder.is_dir():
+            return folder
+    raise OptionError(
+        f"folder {name!r} is not in any loras folder ({', '.join(map(str, roots))}); refresh the page (R) and pick "
+        "one from the list."
+    )

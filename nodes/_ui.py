@@ -53,6 +53,15 @@ TIP_USE_CACHE = (
     "(user/__lorax/subspace-cache), so repeat runs on the same models skip them. "
     "Turn off to recompute everything and store nothing."
 )
+TIP_LORA_FOLDER = (
+    "The folder of LoRAs to move (a sub-folder of loras, walked with its sub-folders, or all of them). "
+    "Every LoRA in it is transferred; files that cannot be (another model family, LoHa/LoKr, damaged, pickles) "
+    "are listed in the summary with the reason."
+)
+TIP_TARGET_NAME = (
+    "Name of the output folder <loras>/lorax/<name>/ (e.g. the target model's name). Empty: the target's "
+    "family and fingerprint. Results keep their relative paths and names; re-running skips finished files."
+)
 TIP_SIMILARITY = "Optional: a similarity result from Compute Subspace Similarity, reused instead of recomputed."
 TIP_MODEL = "The model to patch (not modified; a patched copy is returned)."
 TIP_CLIP = "Optional CLIP to patch with the LoRA's text-encoder layers."

@@ -27,6 +27,7 @@ from lorax_core.formats import parse_lora, read_lora
 from lorax_core.formats.base import pair_tensors
 from lorax_core.formats.io import save_tensors
 from lorax_core.formats.keys import KOHYA_STYLE, PEFT_STYLE
+from lorax_core.library import EXIT_PARTIAL
 from lorax_core.linalg import recompress, top_subspace
 from lorax_core.transfer import transfer_adapter
 from lorax_core.types import DictWeights, LayerReport, LoraFactors, SkipReason, TransferOptions, TransferReport
@@ -184,7 +185,7 @@ def test_lora_with_one_nan_layer_still_transfers_the_rest(tmp_path, capsys) -> N
     lora[bad].view(-1)[0] = math.nan
     files = _cli_files(tmp_path, lora=lora)
     report = tmp_path / "report.json"
-    assert main(transfer_argv(files, "out.safetensors", report=report)) == 0
+    assert main(transfer_argv(files, "out.safetensors", report=report)) == EXIT_PARTIAL  # one layer skipped
     layers = json.loads(report.read_text(), parse_constant=float)["layers"]
     skipped = [r for r in layers if r["status"] == "skipped"]
     assert len(skipped) == 1 and skipped[0]["reason"].startswith("NaN or Inf values in lora_up.weight")

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from lorax_core.cli import main
 from lorax_core.formats import read_lora, write_lora
+from lorax_core.library import EXIT_PARTIAL
 from lorax_core.types import LoraXFactors
 
 transfer_args, error_line = transfer_argv, one_error_line
@@ -178,10 +179,12 @@ def test_inspect_model_json(files, capsys):
     assert len(info["fingerprint"]) == 16
 
 
-def test_partial_transfer_warns_on_stderr_and_strict_refuses(files, capsys):
+def test_partial_transfer_warns_on_stderr_exits_3_and_strict_refuses(files, capsys):
+    """Issue 20: a partial transfer has its own exit status (3), which scripts can see."""
     tensors = {**kohya_lora(), "lora_unet_input_blocks_1_1_proj_in.hada_w1_a": torch.ones(2, 2)}
     save_file(tensors, str(files.lora))
-    assert main(transfer_args(files)) == 0
+    assert main(transfer_args(files)) == EXIT_PARTIAL
+    assert (files.dir / "out.safetensors").exists()
     captured = capsys.readouterr()
     assert "WARNING: 1 of 9 layers were NOT transferred" in captured.out
     assert captured.err == (

@@ -36,6 +36,7 @@ from _ecosystem_helpers import (
 from lorax_core.cli import _comfyui_key_map, main
 from lorax_core.formats import read_lora
 from lorax_core.formats.keys import ADAPTER_METADATA_KEY
+from lorax_core.library import EXIT_PARTIAL
 from lorax_core.types import LoraFactors
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -77,7 +78,7 @@ def _transfer(source: Path, target: Path, lora: Path, out: Path, *extra: str) ->
     report = out.with_suffix(".json")
     argv = ["transfer", "--source", source, "--target", target, "--lora", lora, "--out", out, "--report", report]
     argv += ["--comfyui", COMFYUI, "--rank", "16", "--cache-dir", SUBSPACE_CACHE, "--quiet", *extra]
-    assert main([str(a) for a in argv]) == 0
+    assert main([str(a) for a in argv]) in (0, EXIT_PARTIAL)  # callers check the skipped layers themselves
     return json.loads(report.read_text())["totals"]
 
 

@@ -1,0 +1,1 @@
+"""Folder migration benchmark (issue 20); see :mod:`benchmarks.library.run`."""
