@@ -302,7 +302,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         # stdout may be a pipe into a log; a partial transfer must also reach the terminal.
         print(f"lorax transfer: WARNING: {totals['skipped']} of {totals['layers']} layers were not transferred "
               "(reasons above and in the report); pass --strict to make this an error.", file=sys.stderr)  # fmt: skip
-    return transfer_status(result.report.to_dict())
+    return transfer_status(result.report)
 
 
 # ---------------------------------------------------------------- migrate
@@ -330,7 +330,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     def on_row(index: int, total: int, row: LibraryRow) -> None:
         width[0] = width[0] or len(str(total))
         # tqdm.write keeps the bar (stderr, on a terminal) below the lines instead of tearing it.
-        tqdm.write(f"[{index + 1:>{width[0]}}/{total}] {row.line()}", file=sys.stdout)
+        line = row.line().replace(OutputExistsError.FIX, "pass --overwrite")
+        tqdm.write(f"[{index + 1:>{width[0]}}/{total}] {line}", file=sys.stdout)
 
     with _progress("migrate", args.quiet, unit="file") as bar:
         summary = migrate_library(

@@ -31,6 +31,7 @@ from .errors import (
     NonFiniteError,
     NothingTransferableError,
     OptionError,
+    OutputExistsError,
     ShapeMismatchError,
     UnsafeFileError,
 )
@@ -38,7 +39,7 @@ from .formats import LoraFile, read_keys, read_lora, write_lora
 from .formats.family import guess_family
 from .formats.io import PICKLE_SUFFIXES, write_text
 from .pipeline import ModelInfo, run_transfer
-from .types import TransferOptions, WeightSource, json_safe
+from .types import TransferOptions, TransferReport, WeightSource, json_safe
 
 if TYPE_CHECKING:
     from .cache import SubspaceCache
@@ -212,10 +213,9 @@ def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def transfer_status(report: dict[str, object]) -> int:
-    """The single-file exit status of a report dict: :data:`EXIT_OK`, or :data:`EXIT_PARTIAL` when a layer was skipped."""
-    totals = report["totals"]
-    return EXIT_PARTIAL if totals["skipped"] else EXIT_OK  # type: ignore[index]
+def transfer_status(report: TransferReport) -> int:
+    """A single transfer's exit status: :data:`EXIT_OK`, or :data:`EXIT_PARTIAL` when a layer was skipped."""
+    return EXIT_PARTIAL if report.skipped else EXIT_OK
 
 
 def find_loras(root: Path, pattern: str = "*", exclude: Sequence[Path] = ()) -> tuple[list[Path], list[Path]]:
@@ -441,7 +441,7 @@ def _migrate_one(
                 row.reason = "name_clash"
                 row.detail = (
                     f"{out} already exists and is older than its input (another file of that name, or the input "
-                    "changed since); move it away or allow overwriting."
+                    f"changed since); move it away or {OutputExistsError.FIX}."
                 )
                 return row
         lora: LoraFile = read_lora(path)

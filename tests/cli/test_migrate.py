@@ -104,7 +104,7 @@ def test_mixed_folder_gives_one_row_per_file_and_goes_on(files, capsys):
         assert report["totals"]["layers"] == rows[rel]["layers"]
     good = rows["a.safetensors"]
     assert good["transferred"] == good["layers"] == 9 and good["mean_phi"] > 0.9 and sum(good["methods"].values()) == 9
-    assert rows["sub/deeper/partial.safetensors"]["skipped"] == {"unresolved": 1}
+    assert rows["sub/deeper/partial.safetensors"]["skipped"] == {"unsupported": 1}  # the LoHa layer
     assert sorted(p.name for p in out.rglob("*.safetensors")) == ["a.safetensors", "b.safetensors", "partial.safetensors"]
     # The human summary: a table with problems first.
     table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")][1:]
@@ -132,6 +132,7 @@ def test_rerun_resumes_and_a_changed_input_is_a_name_clash(files, capsys):
     assert main(migrate_args(files, loras, out)) == EXIT_PARTIAL
     row = next(r for r in json.loads((out / "summary.json").read_text())["rows"] if r["file"] == "a.safetensors")
     assert row["reason"] == "name_clash" and "older than its input" in row["detail"]
+    assert "move it away or pass --overwrite" in capsys.readouterr().out  # the CLI names its flag
     assert main([*migrate_args(files, loras, out), "--overwrite"]) == EXIT_OK
     assert (out / "a.safetensors").stat().st_mtime_ns != stamps[out / "a.safetensors"]
 
