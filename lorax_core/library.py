@@ -161,7 +161,7 @@ class LibrarySummary:
     def headline(self) -> str:
         c = self.counts()
         text = (
-            f"{c['files']} LoRA files: {c['transferred']} transferred, {c['partial']} partial, {c['failed']} failed"
+            f"{c['files']} LoRA file{'' if c['files'] == 1 else 's'}: {c['transferred']} transferred, {c['partial']} partial, {c['failed']} failed"
             f" ({c['up_to_date']} already up to date)"
         )
         if self.ignored:

@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.perf.generate import ensure_family
 from benchmarks.perf.shapes import lora_layer_keys, unet_shapes
-from benchmarks.perf.worker import peak_rss_mb
+from benchmarks.perf.worker import peak_rss_mb, subset_keys
 
 REPO = Path(__file__).resolve().parents[2]
 RANKS = (4, 8, 16, 32, 64)
@@ -44,12 +44,13 @@ STYLES = ("kohya", "peft", "comfy")
 RANK_R = 320
 
 
-def write_library(folder: Path, count: int) -> list[Path]:
-    """``count`` LoRAs (float16, as downloaded LoRAs are) on every SD1.5 attention/FF layer, mixed ranks and key styles."""
+def write_library(folder: Path, count: int, stride: int = 1) -> list[Path]:
+    """``count`` LoRAs (float16, as downloaded LoRAs are) on every ``stride``-th SD1.5 attention/FF layer
+    (the same layers in each, as a library trained with one recipe), mixed ranks and key styles."""
     from safetensors.torch import save_file
 
     shapes = unet_shapes("sd15")
-    keys = lora_layer_keys(shapes)
+    keys = subset_keys(lora_layer_keys(shapes), stride)
     paths = []
     for i in range(count):
         rank, style = RANKS[i % len(RANKS)], STYLES[i % len(STYLES)]
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "library")
     p.add_argument("--loras", type=int, default=20)
     p.add_argument("--cold-samples", type=int, default=2)
+    p.add_argument("--stride", type=int, default=1, help="LoRAs patch every STRIDE-th of the 160 layers (default: all)")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--reuse", action="store_true", help="keep the results of steps an interrupted run finished")
     args = p.parse_args(argv)
@@ -144,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     models = ensure_family(REPO / "benchmarks" / "work" / "perf", "sd15", print)
     source, target = models / "source.safetensors", models / "target.safetensors"
-    folder = work / "loras"
-    loras = write_library(folder, args.loras)
+    folder = work / ("loras" if args.stride == 1 else f"loras_stride{args.stride}")
+    loras = write_library(folder, args.loras, args.stride)
+    layers = len(subset_keys(lora_layer_keys(unet_shapes("sd15")), args.stride))
     runs: dict[str, object] = {}
 
     def fresh(name: str) -> Path:
@@ -199,18 +202,22 @@ def main(argv: list[str] | None = None) -> int:
          f"{rss[1]:.0f} → {rss[-1]:.0f} MiB", "≤ +5 %", rss[-1] <= rss[1] * 1.05),
     ]  # fmt: skip
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs visible ({platform.processor() or 'cpu'}), torch {torch.__version__}"
-    record = {"machine": machine, "loras": n, "model_file_mb": file_mb, "runs": runs,
+    record = {"machine": machine, "loras": n, "layers_per_lora": layers, "stride": args.stride, "model_file_mb": file_mb, "runs": runs,
               "targets": [{"target": t, "measured": m, "limit": lim, "met": ok} for t, m, lim, ok in targets]}  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "library.json").write_text(json.dumps(record, indent=2))
+    command = "nice python -m benchmarks.library" + "".join(
+        f" --{k.replace('_', '-')} {v}"
+        for k, v in (("loras", n), ("cold_samples", len(colds)), ("stride", args.stride))
+    )
     lines = [
-        "# Folder migration: 20 SD1.5-size LoRAs on one base pair",
+        f"# Folder migration: {n} SD1.5-size LoRAs on one base pair",
         "",
-        "Command: `nice python -m benchmarks.library` (see `benchmarks/library/run.py` for what each run is).",
+        f"Command: `{command}` (see `benchmarks/library/run.py` for what each run is).",
         f"Machine: {machine}; shared with other jobs (timings vary with their load).",
         f"Model files: SD1.5-shaped UNet pair, float16, {file_mb:.0f} MiB each; subspace rank {RANK_R}.",
         f"LoRAs: {n}, ranks {', '.join(map(str, RANKS))} (cycling), key styles kohya / PEFT / ComfyUI (cycling), "
-        "160 layers each.",
+        f"{layers} layers each (every {args.stride}th of the 160 attention/feed-forward layers, the same in every LoRA).",
         "",
         "| run | wall of the command (s) | CPU (s) | peak RSS (MiB) | exit status |",
         "|---|---|---|---|---|",
