@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transfer every LoRA under LORA_DIR from SOURCE to TARGET, writing each to the same relative "
         "path under OUT_DIR (in its own key style, with its .report.json beside it), and summary.json + "
         "summary.md in OUT_DIR. The base pair is read and decomposed once. A file that cannot be transferred "
-        "(another family, LoHa/LoKr, damaged, a pickle, a name clash) is one row of the summary; the run goes "
+        "(another family, an adapter type that cannot be transferred, damaged, a pickle, a name clash) is one row of the summary; the run goes "
         "on. Re-running the same command keeps outputs newer than their input (resume).",
     )
     m.add_argument("--source", required=True, type=Path, help="base model the LoRAs were trained on (.safetensors)")

@@ -55,7 +55,7 @@ TIP_USE_CACHE = (
 )
 TIP_LORA_FOLDER = (
     "The folder of LoRAs to move (a sub-folder of loras, walked with its sub-folders, or all of them). "
-    "Every LoRA in it is transferred; files that cannot be (another model family, LoHa/LoKr, damaged, pickles) "
+    "Every LoRA in it is transferred; files that cannot be (another model family, unsupported adapter types, damaged, pickles) "
     "are listed in the summary with the reason."
 )
 TIP_TARGET_NAME = (
