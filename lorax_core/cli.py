@@ -30,6 +30,7 @@ from .errors import (
 from .formats import looks_like_lora, read_keys, read_lora, write_lora
 from .formats.family import guess_family
 from .formats.io import check_output_path, same_path, write_text
+from .formats.resolve import KeyMap
 from .library import EXIT_PARTIAL, SUMMARY_JSON, SUMMARY_MD, LibraryRow, migrate_library, transfer_status
 from .modelio import SafetensorsWeights, open_model
 from .pipeline import file_model_info, plan_transfer, run_transfer
@@ -623,7 +624,6 @@ COMFY_BRIDGE = Path(__file__).resolve().parent.parent / "nodes" / "_comfy_keymap
 #: How long the bridge may take: importing ComfyUI and building a model on the meta device.
 COMFY_BRIDGE_TIMEOUT_S = 600
 
-KeyMap = dict[str, "str | tuple[str, object]"]
 LoraConverter = Callable[[dict[str, "torch.Tensor"]], dict[str, "torch.Tensor"]]
 
 

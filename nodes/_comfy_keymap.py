@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
-KeyMap = dict[str, str | tuple[str, object]]
+# ComfyUI's key map as it holds it (lorax_core.formats.resolve.KeyMap; this program runs on its own
+# with ComfyUI's modules on its path, not the pack's, so it names the type itself).
+KeyMap = dict[str, str | tuple[object, ...]]
 
 
 def encode_target(target: str | tuple[object, ...]) -> str | list[object]:

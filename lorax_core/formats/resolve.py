@@ -44,9 +44,10 @@ __all__ = [
     "resolve_layers",
 ]
 
-KeyMap = Mapping[str, "str | tuple[str, object]"]
-"""ComfyUI's ``model_lora_keys_unet``/``model_lora_keys_clip`` output: {LoRA prefix: model key or
-(model key, slice)}."""
+KeyMap = Mapping[str, "str | tuple[object, ...]"]
+"""ComfyUI's ``model_lora_keys_unet``/``model_lora_keys_clip`` output: {LoRA prefix: model key,
+(model key, slice) or (model key, slice or None, conversion function)}. The one definition of the
+type in the core (the CLI's ``--comfyui`` answer and the nodes use it)."""
 
 _PEFT_TO_MODEL: tuple[tuple[str, str], ...] = (
     ("base_model.model.", "diffusion_model."),
