@@ -32,6 +32,7 @@ from .formats.family import guess_family
 from .formats.io import check_output_path, same_path, write_text
 from .formats.resolve import KeyMap
 from .library import EXIT_PARTIAL, SUMMARY_JSON, SUMMARY_MD, LibraryRow, migrate_library, transfer_status
+from .lycoris import LycorisLayer
 from .modelio import SafetensorsWeights, open_model
 from .pipeline import file_model_info, plan_transfer, run_transfer
 from .types import METHODS, LoraFactors, TransferOptions, check_device, json_safe
@@ -443,10 +444,14 @@ def inspect_file(path: Path) -> dict[str, object]:
     family = guess_family(shapes, metadata)
     if looks_like_lora(keys):
         lora = read_lora(path)
-        ranks = Counter(layer.rank for layer in lora.layers.values())
-        convs = sum(1 for layer in lora.layers.values() if isinstance(layer, LoraFactors) and layer.kernel is not None)
+        # A LyCORIS layer's factors are its exact update (rank r1·r2 for LoHa, a Kronecker rank for
+        # LoKr, flattened to 2-D): its own tensors say what the file holds, so it is counted by type.
+        plain = {n: f for n, f in lora.layers.items() if not (isinstance(f, LycorisLayer) and f.kind != "lora")}
+        types = Counter(_adapter_type(f) for f in lora.layers.values())
+        ranks = Counter(layer.rank for layer in plain.values())
+        convs = sum(1 for layer in lora.layers.values() if _is_conv(layer))
         alphas = Counter(
-            "none" if getattr(layer, "alpha", None) is None else f"{layer.alpha:g}" for layer in lora.layers.values()
+            "none" if getattr(layer, "alpha", None) is None else f"{layer.alpha:g}" for layer in plain.values()
         )  # type: ignore[union-attr]
         return {
             "file": str(path),
@@ -454,6 +459,7 @@ def inspect_file(path: Path) -> dict[str, object]:
             "format": lora.format,
             "family": family,
             "layers": len(lora.layers),
+            "adapter types": dict(sorted(types.items())),
             "conv layers": convs,
             "ranks": {str(r): n for r, n in sorted(ranks.items())},
             "alphas": dict(sorted(alphas.items())),
@@ -474,6 +480,21 @@ def inspect_file(path: Path) -> dict[str, object]:
         "fingerprint": weights.fingerprint,
         "metadata": dict(sorted(metadata.items())),
     }
+
+
+def _adapter_type(layer: object) -> str:
+    """``lora``, ``lorax``, ``loha``, ``lokr`` or ``full``, with ``+dora`` for a DoRA magnitude."""
+    if isinstance(layer, LycorisLayer):
+        return layer.kind + ("+dora" if layer.dora_scale is not None else "")
+    return "lora" if isinstance(layer, LoraFactors) else "lorax"
+
+
+def _is_conv(layer: object) -> bool:
+    """Whether a layer patches a conv weight: its file tensors (LyCORIS) or its down factor say so."""
+    if isinstance(layer, LycorisLayer) and (layer.parts or layer.dora_scale is not None):
+        tensors = [*layer.parts.values(), *([layer.dora_scale] if layer.dora_scale is not None else [])]
+        return any(t.ndim == 4 for t in tensors)
+    return isinstance(layer, LoraFactors) and layer.kernel is not None
 
 
 def _short(text: str, limit: int = 100) -> str:

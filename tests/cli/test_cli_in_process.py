@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 
 import pytest
@@ -177,6 +178,16 @@ def test_inspect_model_json(files, capsys):
     assert info["text encoders"] == "clip_l"
     assert info["diffusion model weights"] == 16
     assert len(info["fingerprint"]) == 16
+
+
+def test_inspect_counts_lycoris_layers_by_type_not_by_their_factored_rank(capsys):
+    # LoHa's exact factors have rank r1·r2 and LoKr's a Kronecker rank: as "ranks" they would be
+    # nonsense, so inspect counts such layers by type and keeps ranks/alphas for LoRA pairs.
+    golden = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "lycoris_mixed.safetensors"
+    assert main(["inspect", "--json", str(golden)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["adapter types"] == {"full": 1, "loha": 1, "lokr": 1, "lora": 2, "lora+dora": 1}
+    assert info["ranks"] == {"2": 3} and info["alphas"] == {"none": 3} and info["not transferable"] == {}
 
 
 def test_partial_transfer_warns_on_stderr_exits_3_and_strict_refuses(files, capsys):
