@@ -25,6 +25,17 @@ place. Objectives (the target ``y`` the student ``S = target + LoRA_t`` regresse
 Both reduce to regression onto a per-input target computed once, so a host can run the
 teacher models one at a time (:func:`predict`) and never needs two UNets in memory at once.
 
+Keeping the content (``keep_guidance``): with a neutral prompt, every probe ``(x, t, c)`` is
+also evaluated under the neutral prompt ``u``, both branches regress to their targets, and a
+second term keeps the *target's own* guidance direction:
+``λ·‖(S_c − S_u) − (T_c − T_u)‖²`` (``T`` = the bare target). Classifier-free guidance
+(Ho & Salimans 2022, arXiv 2207.12598, Eq. 6) draws the prompt's content from exactly that
+difference, and the effect objective alone lets the LoRA bend it: in the toy benchmark plain
+``effect`` gained style but lost class accuracy; a small ``λ`` keeps it (QUALITY.md).
+
+One job, one call: :func:`distil` runs the whole recipe — probes from the generations, the
+teachers' predictions, the regression targets, the optimisation — over the host's denoisers.
+
 Host contract (all host-specific parts are callables; this module imports no host):
 
 * a :class:`Denoiser` ``f(x, t, cond) -> prediction`` with ``x`` the noised latents
@@ -33,7 +44,10 @@ Host contract (all host-specific parts are callables; this module imports no hos
   returns ``(B, C, …)`` in any float dtype. The student denoiser must read the trainable
   factors (``parameters``) in its forward pass (ComfyUI: weight wrappers; a toy model:
   :class:`TrainableLora` with ``torch.func.functional_call``);
-* a :class:`Noiser` ``(x0, generator) -> (x_t, t)`` that draws timesteps and noise.
+* a :class:`Noiser` ``(x0, generator) -> (x_t, t)`` that draws timesteps and noise;
+* for :func:`distil`, each model as a :data:`Scope`: ``scope(body)`` runs ``body(denoiser)``
+  with that model ready (a toy host calls ``body(f)``; ComfyUI loads the model in its guider
+  first) and returns what ``body`` returned.
 
 Everything returned is float32 on the CPU; nothing here materialises a dense ``ΔW`` except
 inside a student's own forward pass.
@@ -45,7 +59,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -61,7 +75,10 @@ __all__ = [
     "Probes",
     "RefineOptions",
     "RefineResult",
+    "Scope",
+    "Teachers",
     "TrainableLora",
+    "distil",
     "distillation_targets",
     "factors_like",
     "make_probes",
@@ -85,26 +102,37 @@ class Noiser(Protocol):
     def __call__(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+#: ``scope(body)`` runs ``body(denoiser)`` with one model ready and returns ``body``'s result.
+Scope = Callable[[Callable[[Denoiser], Any]], Any]
+
+
 @dataclass(frozen=True)
 class RefineOptions:
     """Knobs of one refinement run (stored in the output's metadata).
 
+    The defaults are the ones the toy benchmark validated on every target (QUALITY.md).
+
     Attributes:
         objective: ``effect`` (a), ``output`` (b) or ``blend``; see the module docstring.
         output_weight: ``w`` of the ``blend`` objective, in [0, 1] (ignored by the others).
+        keep_guidance: ``λ`` of the term keeping the target's own guidance direction, ≥ 0
+            (0 = off); needs a neutral prompt (:func:`distil`'s ``null_cond``).
         steps: optimiser steps (0 returns the starting LoRA with its held-out loss).
         lr: Adam learning rate for the factors (warm-up, then cosine decay to 0).
-        batch: probes per step.
+        batch: probes per step and per teacher pass.
+        probes: synthetic inputs :func:`distil` draws from the generations.
         holdout: fraction of the probes kept out of training to measure the result.
-        seed: seeds the probe split and the batch order.
+        seed: seeds the probes, their split and the batch order.
         max_grad_norm: gradient clipping (the first steps on a fresh target can be large).
     """
 
     objective: Objective = "effect"
     output_weight: float = 0.5
+    keep_guidance: float = 0.5
     steps: int = 300
-    lr: float = 2e-3
-    batch: int = 8
+    lr: float = 3e-3
+    batch: int = 16
+    probes: int = 256
     holdout: float = 0.125
     seed: int = 0
     max_grad_norm: float = 1.0
@@ -116,12 +144,18 @@ class RefineOptions:
         if not (isinstance(self.output_weight, int | float) and 0.0 <= self.output_weight <= 1.0):
             raise OptionError(f"refine output_weight must be in [0, 1]; got {self.output_weight!r}. "
                               "Try 0.5 (0 = effect matching, 1 = output matching).")  # fmt: skip
+        if not (isinstance(self.keep_guidance, int | float) and math.isfinite(self.keep_guidance)
+                and self.keep_guidance >= 0):  # fmt: skip
+            raise OptionError(f"refine keep_guidance must be a number ≥ 0; got {self.keep_guidance!r}. "
+                              "Try 0.5 (0 turns the content-keeping term off).")  # fmt: skip
         if not isinstance(self.steps, int) or self.steps < 0:
             raise OptionError(f"refine steps must be an integer ≥ 0; got {self.steps!r}. Try 300.")
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and 0 < self.lr <= 1):
-            raise OptionError(f"refine learning rate must be in (0, 1]; got {self.lr!r}. Try 0.002.")
+            raise OptionError(f"refine learning rate must be in (0, 1]; got {self.lr!r}. Try 0.003.")
         if not isinstance(self.batch, int) or self.batch < 1:
-            raise OptionError(f"refine batch must be a positive integer; got {self.batch!r}. Try 8.")
+            raise OptionError(f"refine batch must be a positive integer; got {self.batch!r}. Try 16.")
+        if not isinstance(self.probes, int) or self.probes < 8:
+            raise OptionError(f"refine probes must be an integer ≥ 8; got {self.probes!r}. Try 256.")
         if not (0 < self.holdout < 1):
             raise OptionError(f"refine holdout must be a fraction in (0, 1); got {self.holdout!r}. Try 0.125.")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -141,6 +175,27 @@ class Probes:
 
     def take(self, index: torch.Tensor) -> Probes:
         return Probes(self.x[index], self.t[index], self.cond[index])
+
+    def under(self, cond: int) -> Probes:
+        """The same inputs, every one under conditioning ``cond`` (the neutral prompt's twin set)."""
+        return Probes(self.x, self.t, torch.full_like(self.cond, int(cond)))
+
+
+@dataclass(frozen=True)
+class NullBranch:
+    """Every probe's neutral-prompt twin, for :func:`refine`'s content-keeping term.
+
+    Attributes:
+        cond: the neutral prompt's conditioning index.
+        targets: ``(N, C, …)`` the regression targets of the probes under ``cond``.
+        guide: ``(N, C, …)`` the bare target's guidance direction ``T(x, t, c) − T(x, t, cond)``.
+        weight: ``λ`` of ``‖(S_c − S_u) − guide‖²`` (``RefineOptions.keep_guidance``).
+    """
+
+    cond: int
+    targets: torch.Tensor
+    guide: torch.Tensor
+    weight: float
 
 
 def make_probes(
@@ -312,16 +367,42 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _mse(student: Denoiser, probes: Probes, targets: torch.Tensor, batch: int) -> float:
-    total, count = 0.0, 0
+def _loss(
+    out: torch.Tensor, targets: torch.Tensor, null: NullBranch | None, index: torch.Tensor
+) -> torch.Tensor:
+    """The refinement loss of a batch; ``out`` is ``(B, …)``, or ``(2B, …)`` = prompt then neutral twins with ``null``.
+
+    Without ``null``: MSE to ``targets[index]``. With it: the mean of both branches' MSE plus
+    ``λ·MSE(S_c − S_u, guide)`` (module docstring).
+    """
+    if null is None:
+        return torch.nn.functional.mse_loss(out, targets[index].to(out.device))
+    out_c, out_u = out.chunk(2)
+    loss = 0.5 * (torch.nn.functional.mse_loss(out_c, targets[index].to(out.device))
+                  + torch.nn.functional.mse_loss(out_u, null.targets[index].to(out.device)))  # fmt: skip
+    if null.weight > 0:
+        loss = loss + null.weight * torch.nn.functional.mse_loss(out_c - out_u, null.guide[index].to(out.device))
+    return loss
+
+
+def _run(student: Denoiser, probes: Probes, index: torch.Tensor, null: NullBranch | None) -> torch.Tensor:
+    """The student on ``probes[index]`` (and, with ``null``, on their neutral twins in the same batch)."""
+    part = probes.take(index)
+    if null is None:
+        return student(part.x, part.t, part.cond).float()
+    x, t = torch.cat([part.x, part.x]), torch.cat([part.t, part.t])
+    cond = torch.cat([part.cond, torch.full_like(part.cond, null.cond)])
+    return student(x, t, cond).float()
+
+
+def _heldout(student: Denoiser, probes: Probes, targets: torch.Tensor, null: NullBranch | None,
+             index: torch.Tensor, batch: int) -> float:  # fmt: skip
+    """Mean loss over the probes ``index`` (no grad), weighted by batch size."""
+    total = 0.0
     with torch.no_grad():
-        for start in range(0, len(probes), batch):
-            idx = torch.arange(start, min(start + batch, len(probes)))
-            part = probes.take(idx)
-            out = student(part.x, part.t, part.cond).float()
-            total += float(((out - targets[idx].to(out.device)) ** 2).sum())
-            count += out.numel()
-    return total / max(1, count)
+        for part in index.split(batch):
+            total += float(_loss(_run(student, probes, part, null), targets, null, part)) * len(part)
+    return total / max(1, len(index))
 
 
 def refine(
@@ -331,6 +412,7 @@ def refine(
     targets: torch.Tensor,
     options: RefineOptions,
     *,
+    null: NullBranch | None = None,
     baseline: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
     check: Callable[[], None] | None = None,
@@ -343,9 +425,12 @@ def refine(
         student: the target model with the LoRA built from ``parameters``.
         probes: from :func:`make_probes`.
         targets: ``(N, C, …)`` from :func:`distillation_targets`.
-        options: see :class:`RefineOptions`.
+        options: see :class:`RefineOptions` (``probes`` and ``keep_guidance`` are :func:`distil`'s;
+            here ``null.weight`` is used).
+        null: the probes' neutral-prompt twins: each step then runs the student on a batch and
+            its twins together and adds the content-keeping term (module docstring).
         baseline: the bare target's predictions ``(N, C, …)`` (optional): reported as the
-            held-out loss with no LoRA at all.
+            held-out loss with no LoRA at all (with ``null``, its twins are ``baseline − guide``).
         progress: ``progress(done, total)`` after each step.
         check: called before each step; a host's Cancel raises from it (the factors are then
             left as they were after the last finished step).
@@ -364,9 +449,11 @@ def refine(
         raise OptionError("refine: the LoRA has no trainable factors (no layer was transferred); transfer it first.")
     if any(not p.requires_grad or not p.is_leaf for p in params):
         raise OptionError("refine: every factor must be a leaf tensor with requires_grad=True.")
-    if targets.shape != probes.x.shape:
-        raise ShapeMismatchError(f"refine: targets of shape {tuple(targets.shape)} do not match probes of shape "
-                                 f"{tuple(probes.x.shape)}; compute them with predict() on the same probes.")  # fmt: skip
+    for name, tensor in (("targets", targets), *(() if null is None else (("null.targets", null.targets),
+                                                                           ("null.guide", null.guide)))):  # fmt: skip
+        if tensor.shape != probes.x.shape:
+            raise ShapeMismatchError(f"refine: {name} of shape {tuple(tensor.shape)} do not match probes of shape "
+                                     f"{tuple(probes.x.shape)}; compute them with predict() on the same probes.")  # fmt: skip
     n = len(probes)
     n_hold = max(1, round(n * options.holdout))
     if n - n_hold < 1:
@@ -375,8 +462,6 @@ def refine(
     g = torch.Generator().manual_seed(options.seed)
     order = torch.randperm(n, generator=g)
     hold_idx, train_idx = order[:n_hold], order[n_hold:]
-    hold, hold_y = probes.take(hold_idx), targets[hold_idx]
-    train, train_y = probes.take(train_idx), targets[train_idx]
 
     start_values = [p.detach().clone() for p in params]
 
@@ -386,9 +471,11 @@ def refine(
                 p.copy_(v)
 
     result = RefineResult(options=options, probes=n)
-    result.holdout_before = _mse(student, hold, hold_y, options.batch)
+    result.holdout_before = _heldout(student, probes, targets, null, hold_idx, options.batch)
     if baseline is not None:
-        result.baseline = float(((baseline[hold_idx] - hold_y) ** 2).mean())
+        bare = baseline[hold_idx] if null is None else torch.cat([baseline[hold_idx],
+                                                                  (baseline - null.guide)[hold_idx]])  # fmt: skip
+        result.baseline = float(_loss(bare, targets, null, hold_idx))
     opt = torch.optim.Adam(params, lr=options.lr)
     started = time.perf_counter()
     for step in range(options.steps):
@@ -396,10 +483,8 @@ def refine(
             check()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, options.steps, options.lr)
-        idx = torch.randint(0, len(train), (min(options.batch, len(train)),), generator=g)
-        part = train.take(idx)
-        out = student(part.x, part.t, part.cond).float()
-        loss = torch.nn.functional.mse_loss(out, train_y[idx].to(out.device))
+        idx = train_idx[torch.randint(0, len(train_idx), (min(options.batch, len(train_idx)),), generator=g)]
+        loss = _loss(_run(student, probes, idx, null), targets, null, idx)
         if not torch.isfinite(loss):
             restore()
             raise LoraxError(f"refine: the loss became {float(loss.detach())} at step {step + 1}; the starting LoRA was "
@@ -412,13 +497,122 @@ def refine(
         if progress is not None:
             progress(step + 1, options.steps)
     result.seconds = round(time.perf_counter() - started, 3)
-    after = _mse(student, hold, hold_y, options.batch)
+    after = _heldout(student, probes, targets, null, hold_idx, options.batch)
     if not (after < result.holdout_before) or not all(bool(torch.isfinite(p).all()) for p in params):
         restore()
         result.kept = "start"
         after = result.holdout_before
     result.holdout_after = after
     return result
+
+
+@dataclass(frozen=True)
+class Teachers:
+    """The three bare or LoRA'd models whose predictions make the regression targets.
+
+    Attributes:
+        teacher: the source model with the source LoRA (``L``).
+        teacher_base: the source model alone (``B``); ``None`` is allowed for ``output``, which
+            does not need it.
+        target_base: the target model alone (``T``).
+    """
+
+    teacher: Scope
+    teacher_base: Scope | None
+    target_base: Scope
+
+
+def distil(
+    parameters: Sequence[torch.Tensor],
+    student: Scope,
+    teachers: Teachers,
+    latents: torch.Tensor,
+    latent_conds: torch.Tensor,
+    noiser: Noiser,
+    options: RefineOptions,
+    *,
+    null_cond: int | None,
+    progress: Callable[[int, int], None] | None = None,
+    check: Callable[[], None] | None = None,
+) -> RefineResult:
+    """The whole data-free refinement: probes → teacher predictions → targets → optimisation.
+
+    Every host (the ComfyUI node, the toy benchmark, the tests) calls this one function, so a
+    step added to the recipe is added once.
+
+    1. ``options.probes`` probes from the generations (:func:`make_probes`, seeded by
+       ``options.seed``). With a neutral prompt every probe gets a neutral twin (same ``x``,
+       ``t``) instead of a share of neutral probes.
+    2. The teachers' predictions, one model at a time (only one needs to be loaded at once),
+       on the probes and their twins, in chunks of ``options.batch``.
+    3. The regression targets (:func:`distillation_targets`) and, with a neutral prompt, the
+       bare target's guidance direction for the content-keeping term (``keep_guidance``).
+    4. :func:`refine` of ``parameters`` inside ``student``'s scope.
+
+    Args:
+        parameters: the LoRA factors the student reads (updated in place).
+        student: scope of the target with the trainable LoRA.
+        teachers: scopes of the source + LoRA, the source, the target.
+        latents: ``(L, C, …)`` the models' own generations (clean latents, any dtype/device).
+        latent_conds: ``(L,)`` int64 prompt index of each generation.
+        noiser: the host's forward process.
+        options: see :class:`RefineOptions`.
+        null_cond: the neutral prompt's conditioning index, or ``None`` (then ``keep_guidance``
+            must be 0).
+        progress: ``progress(done, total)`` after each prediction chunk and each step.
+        check: called before each chunk and step; a host's Cancel raises from it.
+
+    Returns:
+        :class:`RefineResult`; ``parameters`` hold the refined (or, when it did not help on
+        held-out probes, the starting) factors.
+
+    Raises:
+        OptionError: ``keep_guidance > 0`` without a neutral prompt, or inputs that do not fit.
+        LoraxError: a model returned NaN/Inf, or the loss diverged.
+    """
+    paired = null_cond is not None
+    if options.keep_guidance > 0 and not paired:
+        raise OptionError(f"refine keep_guidance={options.keep_guidance:g} needs a neutral prompt (an empty prompt's "
+                          "conditioning); give one, or set keep_guidance to 0.")  # fmt: skip
+    if options.objective != "output" and teachers.teacher_base is None:
+        raise OptionError(f"refine objective {options.objective!r} needs the source model without its LoRA; "
+                          "give it, or use objective 'output'.")  # fmt: skip
+    probes = make_probes(latents, latent_conds, noiser, options.probes, null_cond=null_cond,
+                         null_fraction=0.0 if paired else 0.25, seed=options.seed)  # fmt: skip
+    inputs = probes if null_cond is None else _concat(probes, probes.under(null_cond))
+    scopes = [teachers.teacher, teachers.target_base]
+    if options.objective != "output":
+        scopes.insert(1, teachers.teacher_base)  # type: ignore[arg-type]
+    predicting = len(scopes) * math.ceil(len(inputs) / options.batch)
+    total = predicting + options.steps
+    chunks = 0
+
+    def chunk() -> None:  # before each prediction chunk
+        nonlocal chunks
+        if check is not None:
+            check()
+        chunks += 1
+        if progress is not None:
+            progress(chunks, total)
+
+    def stepped(step: int, steps: int) -> None:
+        if progress is not None:
+            progress(predicting + step, total)
+
+    outputs = [scope(lambda f: predict(f, inputs, options.batch, check=chunk)) for scope in scopes]
+    teacher, target_base = outputs[0], outputs[-1]
+    teacher_base = outputs[1] if len(outputs) == 3 else None
+    targets = distillation_targets(options.objective, teacher, teacher_base, target_base, options.output_weight)
+    n = len(probes)
+    null = None
+    if null_cond is not None:
+        null = NullBranch(int(null_cond), targets[n:], target_base[:n] - target_base[n:], float(options.keep_guidance))
+    return student(lambda f: refine(parameters, f, probes, targets[:n], options, null=null,
+                                    baseline=target_base[:n], progress=stepped, check=check))  # fmt: skip
+
+
+def _concat(a: Probes, b: Probes) -> Probes:
+    return Probes(torch.cat([a.x, b.x]), torch.cat([a.t, b.t]), torch.cat([a.cond, b.cond]))
 
 
 def factors_like(original: LoraFactors, up2d: torch.Tensor, down2d: torch.Tensor) -> LoraFactors:

@@ -48,16 +48,7 @@ from ..lorax_core.errors import FormatError, IncompatibleBaseError, NothingTrans
 from ..lorax_core.formats.base import pair_tensors
 from ..lorax_core.formats.io import load_tensors
 from ..lorax_core.formats.keys import COMFY_STYLE
-from ..lorax_core.refine import (
-    Probes,
-    RefineOptions,
-    RefineResult,
-    distillation_targets,
-    factors_like,
-    make_probes,
-    predict,
-    refine,
-)
+from ..lorax_core.refine import RefineOptions, RefineResult, Scope, Teachers, distil, factors_like
 from ..lorax_core.types import LoraFactors
 from . import _host
 
@@ -80,9 +71,11 @@ class RefineSetup:
         start: the target with the transferred LoRA (a patched clone): the student's start.
         layers: ``{target model key: LoraFactors}`` of the diffusion-model layers to refine.
         conds: the host's list of conditionings, each a ``CONDITIONING``: one per entry of
-            ``positive`` (one prompt each), then the neutral prompt when given.
+            ``positive`` (one prompt each), then the neutral prompt (the first prompt zeroed out
+            when none is given).
         prompts: how many of ``conds`` are the user's prompts.
-        null_cond: index of the neutral prompt in ``conds``, or ``None``.
+        null_cond: index of the neutral prompt in ``conds`` (the last).
+        neutral_given: whether the neutral prompt was an input (else the zeroed prompt).
         latent: ``(B, C, …)`` the generations' shape (channels fitted to the model).
     """
 
@@ -93,15 +86,14 @@ class RefineSetup:
     layers: dict[str, LoraFactors]
     conds: list[Conditioning]
     prompts: int
-    null_cond: int | None
+    null_cond: int
+    neutral_given: bool
     latent: torch.Tensor
 
     @property
     def negative(self) -> Conditioning:
-        """The generations' negative prompt: the neutral one, else the prompt zeroed out."""
-        if self.null_cond is not None:
-            return self.conds[self.null_cond]
-        return _zero_out(self.conds[0])
+        """The generations' negative prompt: the neutral one."""
+        return self.conds[self.null_cond]
 
 
 @dataclass
@@ -124,6 +116,12 @@ class Progress:
     def tick(self, n: int = 1) -> None:
         self.done = min(self.total, self.done + n)
         self._update(self.done, self.total)
+
+    def after(self, ahead: int, done: int, total: int) -> None:
+        """Report ``ahead + done`` of ``ahead + total`` (the core's own count after ``ahead`` ticks of ours)."""
+        self.total = max(1, ahead + total)
+        self.done = 0
+        self.tick(ahead + done)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -246,12 +244,12 @@ def prepare(source_model: Any, target_model: Any, transferred: Any, positive: Co
         ) from None
     start = _host.apply_lora(target_model, None, transferred, 1.0, 0.0).model
     conds: list[Conditioning] = [[entry] for entry in positive]
-    null_cond = None
-    if neutral:
-        null_cond = len(conds)
-        conds.append(list(neutral))
+    # The content-keeping term needs a neutral prompt; without one, the prompt zeroed out is the
+    # neutral branch (what the generations use as their negative too).
+    conds.append(list(neutral) if neutral else _zero_out(conds[0]))
     return RefineSetup(teacher=teacher, source=source_model, target=target_model, start=start, layers=layers,
-                       conds=conds, prompts=len(positive), null_cond=null_cond, latent=samples)
+                       conds=conds, prompts=len(positive), null_cond=len(conds) - 1, neutral_given=bool(neutral),
+                       latent=samples)
 
 
 def _zero_out(conditioning: Conditioning) -> Conditioning:
@@ -378,21 +376,6 @@ def generation_calls(setup: RefineSetup) -> int:
     return min(setup.prompts, first) + min(setup.prompts, batch - first)
 
 
-def predictions(model: Any, setup: RefineSetup, probes: Probes, batch: int, seed: int,
-                progress: Progress) -> torch.Tensor:
-    """``model``'s ε/flow-space predictions on every probe (no grad), float32 on the CPU."""
-
-    def body(denoiser: Callable[..., torch.Tensor]) -> torch.Tensor:
-        def ticking(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-            out = denoiser(x, t, cond)
-            progress.tick()
-            return out
-
-        return predict(ticking, probes, batch, check=comfy.model_management.throw_exception_if_processing_interrupted)
-
-    return with_denoiser(model, setup.conds, (min(batch, len(probes)), *probes.x.shape[1:]), body, seed)
-
-
 def copy_weight(weight: torch.Tensor) -> torch.Tensor:
     # Any weight (or bias) function makes ComfyUI's ops hand it a fresh copy of the tensor; that
     # copy is an ordinary tensor even when the stored one was made under inference mode (every
@@ -473,48 +456,38 @@ def trainable(student: Any, adapters: Mapping[str, LoraDiff]) -> Iterator[None]:
                     p.requires_grad_(flag)
 
 
-def train(setup: RefineSetup, probes: Probes, targets: torch.Tensor, baseline: torch.Tensor | None,
-          options: RefineOptions, progress: Progress) -> tuple[dict[str, LoraFactors], RefineResult]:
-    """Optimise the transferred factors on a clone of the target; return them in their original layout."""
+def run(setup: RefineSetup, options: RefineOptions, sample_steps: int, cfg: float) -> RefineOutcome:
+    """Generate, then hand the whole refinement to the core (:func:`lorax_core.refine.distil`).
+
+    Each model is a scope that runs the core's body inside ComfyUI's guider with that model
+    loaded: the teacher predictions run model by model (source + LoRA, source, target) and are
+    kept on the CPU, so only one diffusion model needs to be on the GPU at any time (ComfyUI
+    offloads the others when VRAM is short), which is what is meant to make SDXL fit 12–16 GB
+    (not measured yet). Training then frees the GPU of every other model.
+    """
+    calls = generation_calls(setup)
+    progress = Progress(calls * sample_steps)
+    latents, prompt_of = generate(setup, sample_steps, cfg, options.seed, progress)
+    clean = setup.target.model.process_latent_in(latents)
+    shape = (min(options.batch, options.probes), *clean.shape[1:])
     with torch.inference_mode(False):
         student, adapters = _student(setup.target, setup.layers)
-        params = [p for a in adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
+    params = [p for a in adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
 
-        def body(denoiser: Callable[..., torch.Tensor]) -> RefineResult:
-            return refine(params, denoiser, probes, targets, options, baseline=baseline,
-                          progress=lambda done, total: progress.tick(),
-                          check=comfy.model_management.throw_exception_if_processing_interrupted)
+    def scope(model: Any) -> Scope:
+        return lambda body: with_denoiser(model, setup.conds, shape, body, options.seed)
 
-        with trainable(student, adapters):
-            shape = (min(options.batch, len(probes)), *probes.x.shape[1:])
-            result = with_denoiser(student, setup.conds, shape, body, options.seed)
+    def student_scope(body: Callable[..., Any]) -> Any:
+        with torch.inference_mode(False), trainable(student, adapters):
+            return with_denoiser(student, setup.conds, shape, body, options.seed)
+
+    teachers = Teachers(scope(setup.teacher), scope(setup.source), scope(setup.target))
+    result = distil(params, student_scope, teachers, clean, prompt_of, model_noiser(setup.target), options,
+                    null_cond=setup.null_cond,
+                    progress=lambda done, total: progress.after(calls * sample_steps, done, total),
+                    check=comfy.model_management.throw_exception_if_processing_interrupted)  # fmt: skip
     refined = {key: factors_like(setup.layers[key], a.lora_up.weight, a.lora_down.weight)
                for key, a in adapters.items()}
-    return refined, result
-
-
-def run(setup: RefineSetup, options: RefineOptions, probe_count: int, sample_steps: int, cfg: float,
-        seed: int) -> RefineOutcome:
-    """Generate, run the teachers one model at a time, then train the student.
-
-    The teacher predictions are computed model by model (source + LoRA, source, target), each
-    in its own guider call, and kept on the CPU: only one diffusion model needs to be on the
-    GPU at any time (ComfyUI offloads the others when VRAM is short), which is what is meant to
-    make SDXL fit 12–16 GB (not measured yet). Training then frees the GPU of every other model.
-    """
-    # output matching needs no prediction of the source without its LoRA.
-    passes = 2 if options.objective == "output" else 3
-    chunks = math.ceil(probe_count / options.batch)
-    progress = Progress(generation_calls(setup) * sample_steps + passes * chunks + options.steps)
-    latents, prompt_of = generate(setup, sample_steps, cfg, seed, progress)
-    clean = setup.target.model.process_latent_in(latents)
-    probes = make_probes(clean, prompt_of, model_noiser(setup.target), probe_count, null_cond=setup.null_cond,
-                         seed=seed)
-    teacher = predictions(setup.teacher, setup, probes, options.batch, seed, progress)
-    teacher_base = predictions(setup.source, setup, probes, options.batch, seed, progress) if passes == 3 else None
-    target_base = predictions(setup.target, setup, probes, options.batch, seed, progress)
-    targets = distillation_targets(options.objective, teacher, teacher_base, target_base, options.output_weight)
-    refined, result = train(setup, probes, targets, target_base, options, progress)
     first = math.ceil(setup.latent.shape[0] / 2)
     return RefineOutcome(layers=refined, result=result, generations=(first, setup.latent.shape[0] - first))
 

@@ -111,8 +111,8 @@ TIP_REFINE_STEPS = (
 )
 TIP_LEARNING_RATE = "Adam learning rate of the LoRA factors (short warm-up, then cosine decay to 0)."
 TIP_PROBES = (
-    "How many synthetic inputs (the generations re-noised at random timesteps) to distil on; "
-    "one in eight is held out to check the result."
+    "How many synthetic inputs (the generations re-noised at random timesteps) to distil on, each also run under "
+    "the neutral prompt; one in eight is held out to check the result."
 )
 TIP_SAMPLE_STEPS = (
     "Sampling steps of each generation (euler, simple scheduler). The generations only need to look like "
@@ -125,8 +125,14 @@ TIP_REFINE_SEED = (
 )
 TIP_BATCH = "Probes per step and per teacher pass. Lower it if the GPU runs out of memory."
 TIP_NEUTRAL = (
-    "Optional: the conditioning of an empty prompt (CLIP Text Encode without text). A quarter of the probes "
-    "use it, so the LoRA's effect is learnt for the unconditional branch of guidance too."
+    "Optional: the conditioning of an empty prompt (CLIP Text Encode without text). Every probe is also run "
+    "under it, so the LoRA's effect is learnt for the unconditional branch of guidance too and keep_guidance can "
+    "hold the target's guidance direction. Without it, the first prompt zeroed out plays the neutral prompt."
+)
+TIP_KEEP_GUIDANCE = (
+    "Weight of the term that keeps the target's own guidance direction (prompt minus neutral prediction), "
+    "which carries what the prompt asks for: it stops the LoRA from trading the prompt's content for style. "
+    "0 turns it off; large values (≥ 2) also hold back the style."
 )
 
 

@@ -14,6 +14,7 @@ from ._ui import (
     NO_LORA,
     TIP_BATCH,
     TIP_CFG,
+    TIP_KEEP_GUIDANCE,
     TIP_LATENT,
     TIP_LEARNING_RATE,
     TIP_NEUTRAL,
@@ -33,6 +34,8 @@ from ._ui import (
 )
 
 DISPLAY_NAME = "Refine Transferred LoRA (data-free)"
+#: The widgets' defaults are the core's (the settings the quality benchmark validated on every target).
+DEFAULTS = RefineOptions()
 
 
 class LoraXRefineTransferredLoRA(io.ComfyNode):
@@ -60,16 +63,20 @@ class LoraXRefineTransferredLoRA(io.ComfyNode):
                 io.Latent.Input("latent", tooltip=TIP_LATENT),
                 io.Combo.Input("lora_name", options=[NO_LORA, *loras], default=loras[0] if loras else NO_LORA,
                                tooltip=TIP_REFINE_LORA_NAME),
-                io.Combo.Input("objective", options=list(OBJECTIVES), default="effect", tooltip=TIP_OBJECTIVE),
-                io.Float.Input("output_weight", default=0.5, min=0.0, max=1.0, step=0.05, tooltip=TIP_OUTPUT_WEIGHT),
-                io.Int.Input("steps", default=300, min=0, max=100000, tooltip=TIP_REFINE_STEPS),
-                io.Float.Input("learning_rate", default=0.0005, min=0.00001, max=1.0, step=0.0001,
+                io.Combo.Input("objective", options=list(OBJECTIVES), default=DEFAULTS.objective,
+                               tooltip=TIP_OBJECTIVE),
+                io.Float.Input("output_weight", default=DEFAULTS.output_weight, min=0.0, max=1.0, step=0.05,
+                               tooltip=TIP_OUTPUT_WEIGHT),
+                io.Float.Input("keep_guidance", default=DEFAULTS.keep_guidance, min=0.0, max=100.0, step=0.05,
+                               tooltip=TIP_KEEP_GUIDANCE),
+                io.Int.Input("steps", default=DEFAULTS.steps, min=0, max=100000, tooltip=TIP_REFINE_STEPS),
+                io.Float.Input("learning_rate", default=DEFAULTS.lr, min=0.00001, max=1.0, step=0.0001,
                                tooltip=TIP_LEARNING_RATE),
-                io.Int.Input("probes", default=128, min=8, max=8192, tooltip=TIP_PROBES),
+                io.Int.Input("probes", default=DEFAULTS.probes, min=8, max=8192, tooltip=TIP_PROBES),
                 io.Int.Input("sample_steps", default=12, min=1, max=200, tooltip=TIP_SAMPLE_STEPS),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, tooltip=TIP_CFG),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip=TIP_REFINE_SEED),
-                io.Int.Input("batch", default=8, min=1, max=256, tooltip=TIP_BATCH),
+                io.Int.Input("batch", default=DEFAULTS.batch, min=1, max=256, tooltip=TIP_BATCH),
                 io.Conditioning.Input("neutral", optional=True, tooltip=TIP_NEUTRAL),
                 io.LoraModel.Input("lora", optional=True, tooltip=TIP_REFINE_LORA_MODEL),
             ],
@@ -85,13 +92,15 @@ class LoraXRefineTransferredLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, source_model, target_model, transferred, positive, latent, lora_name: str, objective: str,
                 output_weight: float, steps: int, learning_rate: float, probes: int, sample_steps: int, cfg: float,
-                seed: int, batch: int, neutral=None, lora=None) -> io.NodeOutput:
+                seed: int, batch: int, keep_guidance: float = DEFAULTS.keep_guidance, neutral=None,
+                lora=None) -> io.NodeOutput:
         with node_errors(DISPLAY_NAME):
             setup = _refine_host.prepare(source_model, target_model, transferred, positive, neutral, latent,
                                          None if lora_name == NO_LORA else lora_name, lora)
-            options = RefineOptions(objective=objective, output_weight=float(output_weight), steps=int(steps),
-                                    lr=float(learning_rate), batch=int(batch), seed=int(seed))
-            outcome = _refine_host.run(setup, options, int(probes), int(sample_steps), float(cfg), int(seed))
+            options = RefineOptions(objective=objective, output_weight=float(output_weight),
+                                    keep_guidance=float(keep_guidance), steps=int(steps), lr=float(learning_rate),
+                                    batch=int(batch), probes=int(probes), seed=int(seed))
+            outcome = _refine_host.run(setup, options, int(sample_steps), float(cfg))
         result, meta = outcome.result, outcome.result.metadata()
         refined = _refine_host.wrap_refined(transferred, outcome.layers, meta)
         lines = [_header(transferred, target_model), result.summary(), _trend(result.losses),
@@ -112,7 +121,7 @@ def _header(transferred, target_model) -> str:
 
 def _generations(outcome: _refine_host.RefineOutcome, setup: _refine_host.RefineSetup) -> str:
     teacher, start = outcome.generations
-    neutral = " + the neutral prompt" if setup.null_cond is not None else ""
+    neutral = " + the neutral prompt" if setup.neutral_given else " + the first prompt zeroed out as the neutral one"
     return (f"Probes from {teacher + start} generations ({teacher} by the source with its LoRA, {start} by the "
             f"target with the transferred LoRA), {setup.prompts} prompt(s){neutral}; "
             f"{len(outcome.layers)} diffusion-model layers refined.")

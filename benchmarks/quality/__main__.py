@@ -1,10 +1,12 @@
-"""``python -m benchmarks.quality [--quick] [--out DIR] [--threads N] [--targets A,B] [--keep-cache]``.
+"""``python -m benchmarks.quality [--quick] [--out DIR] [--threads N] [--targets A,B] [--all-methods] [--drop-cache]``.
 
 Writes ``quality.json``, ``quality_<target>.png`` and the generated tables of ``QUALITY.md``
 into ``--out`` (default ``benchmarks/results``; ``--quick`` defaults to
 ``benchmarks/work/quality-quick`` so a smoke run never overwrites the committed results).
-Trained models are cached under ``benchmarks/work/quality-cache`` (git-ignored) while the run
-lasts and deleted after it unless ``--keep-cache``.
+The trained world (base models, adapters, metric classifier) is cached under
+``benchmarks/work/quality-cache`` (git-ignored), keyed by the settings it depends on, and kept
+for the next run unless ``--drop-cache`` (``--quick`` drops its own): building it is most of a
+cold run, evaluating and refining the rest.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/work/quality-cache"),
                         help="where trained models are cached during the run")  # fmt: skip
-    parser.add_argument("--keep-cache", action="store_true", help="keep the trained models after the run")
+    parser.add_argument("--drop-cache", action="store_true", help="delete the trained world after the run")
+    parser.add_argument("--all-methods", action="store_true",
+                        help="also every other training-free method, the rank sweep and the candidate rules "
+                             "(about twice the run time)")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (default 1: on a shared 2-core machine two threads were up to 15× slower "
@@ -45,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     cfg = BenchConfig.quick_config() if args.quick else BenchConfig()
-    cfg = dataclasses.replace(cfg, threads=args.threads, targets=chosen)
+    cfg = dataclasses.replace(cfg, threads=args.threads, targets=chosen, all_methods=cfg.all_methods or args.all_methods)
     out = args.out or Path("benchmarks/work/quality-quick" if args.quick else "benchmarks/results")
     doc = run(out, cfg, cache_root=args.cache)
     write_markdown(out / "QUALITY.md", doc, PREAMBLE)
-    if not args.keep_cache:
+    if args.drop_cache or args.quick:
         shutil.rmtree(args.cache / cfg.fingerprint(), ignore_errors=True)
     print(f"wrote {out / 'quality.json'} in {doc['seconds']:.0f} s")
     return 0

@@ -13,41 +13,28 @@ parameters, so gradients reach the LoRA factors only. Float32, CPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch.func import functional_call
 
-from lorax_core.refine import (
-    Probes,
-    RefineOptions,
-    RefineResult,
-    TrainableLora,
-    distillation_targets,
-    make_probes,
-    predict,
-    refine,
-)
+from lorax_core.refine import RefineOptions, RefineResult, Scope, Teachers, TrainableLora, distil
 from lorax_core.types import LoraFactors
 
 from . import data
 from .evaluate import merge
 from .model import Diffusion, TextEncoder, ToyLDM, ddim_sample, to_latent
 
-__all__ = ["DistillConfig", "Refined", "Teacher", "add_refined"]
+__all__ = ["DistillConfig", "Generations", "Refined", "add_refined"]
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Budget of the data-free refinement (the probes are shared by every step budget)."""
+    """Budget of the generations the data-free refinement starts from (shared by every run of a cell)."""
 
     generations: int = 32  # per model (teacher and target + transferred LoRA)
-    probes: int = 256
-    batch: int = 16
-    lr: float = 3e-3
-    output_weight: float = 0.5  # w of the ``blend`` objective
     ddim_steps: int = 10
     guidance: float = 2.0
     seed: int = 0
@@ -59,11 +46,11 @@ class Refined:
     result: RefineResult
 
 
-def _denoiser(model: ToyLDM, state: Mapping[str, torch.Tensor], text: TextEncoder):
+def _scope(model: ToyLDM, state: Mapping[str, torch.Tensor], text: TextEncoder) -> Scope:
     def f(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return functional_call(model, dict(state), (x, t, text(cond)))
 
-    return f
+    return lambda body: body(f)
 
 
 @torch.no_grad()
@@ -79,36 +66,36 @@ def _generate(model: ToyLDM, state: Mapping[str, torch.Tensor], text: TextEncode
     return to_latent(images), labels
 
 
-class Teacher:
-    """The probes and the teacher's predictions for one (source + LoRA, target) pair, computed once.
+class Generations:
+    """The models' own samples for one (source + LoRA, target) pair, made once and shared by every run.
 
-    Sharing them across objectives and step budgets is what a user gets by re-running the node
-    with another budget on the same inputs (and what keeps the benchmark affordable).
+    What a user gets by re-running the node with other settings on the same inputs (and what
+    keeps the benchmark affordable): half by the source + LoRA, half by the target + the
+    transferred LoRA, the class prompts cycling.
     """
 
     def __init__(self, source: ToyLDM, source_layers: Mapping[str, LoraFactors], target: ToyLDM,
                  start: Mapping[str, LoraFactors], text: TextEncoder, diffusion: Diffusion,
                  cfg: DistillConfig) -> None:  # fmt: skip
         started = time.perf_counter()
-        self.text, self.cfg, self.target, self.start = text, cfg, target, dict(start)
-        src_lora, tgt_start = merge(source.state_dict(), source_layers), merge(target.state_dict(), start)
-        half = cfg.generations
-        lat_a, lab_a = _generate(source, src_lora, text, diffusion, half, cfg, 5000 + cfg.seed)
-        lat_b, lab_b = _generate(target, tgt_start, text, diffusion, half, cfg, 6000 + cfg.seed)
-
-        def noiser(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-            t = torch.randint(0, diffusion.steps, (x0.shape[0],), generator=g)
-            return diffusion.add_noise(x0, t, torch.randn(x0.shape, generator=g)), t
-
-        self.probes: Probes = make_probes(torch.cat([lat_a, lat_b]), torch.cat([lab_a, lab_b]), noiser, cfg.probes,
-                                          null_cond=text.null_index, seed=cfg.seed)  # fmt: skip
-        self.teacher = predict(_denoiser(source, src_lora, text), self.probes, 64)
-        self.teacher_base = predict(_denoiser(source, source.state_dict(), text), self.probes, 64)
-        self.target_base = predict(_denoiser(target, target.state_dict(), text), self.probes, 64)
+        self.text, self.diffusion, self.target, self.start = text, diffusion, target, dict(start)
+        src_state = source.state_dict()
+        src_lora = merge(src_state, source_layers)
+        lat_a, lab_a = _generate(source, src_lora, text, diffusion, cfg.generations, cfg, 5000 + cfg.seed)
+        lat_b, lab_b = _generate(target, merge(target.state_dict(), start), text, diffusion, cfg.generations, cfg,
+                                 6000 + cfg.seed)  # fmt: skip
+        self.latents, self.labels = torch.cat([lat_a, lat_b]), torch.cat([lab_a, lab_b])
+        self.teachers = Teachers(_scope(source, src_lora, text), _scope(source, src_state, text),
+                                 _scope(target, target.state_dict(), text))  # fmt: skip
         self.seconds = time.perf_counter() - started
 
-    def refine(self, objective: str, steps: int) -> Refined:
-        """Refine the starting LoRA for ``steps`` steps with ``objective``; a fresh copy each call."""
+    def noiser(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The toy world's forward process at uniform timesteps."""
+        t = torch.randint(0, self.diffusion.steps, (x0.shape[0],), generator=g)
+        return self.diffusion.add_noise(x0, t, torch.randn(x0.shape, generator=g)), t
+
+    def refine(self, options: RefineOptions) -> Refined:
+        """One :func:`lorax_core.refine.distil` run from the starting LoRA (a fresh copy each call)."""
         trainable = TrainableLora(self.start)
         base = {k: v.detach() for k, v in self.target.state_dict().items()}
         index = {key: i for i, key in enumerate(trainable.keys)}
@@ -119,11 +106,8 @@ class Teacher:
                 state[key] = base[key] + trainable.delta(i, base[key].shape)
             return functional_call(self.target, state, (x, t, self.text(cond)))
 
-        targets = distillation_targets(objective, self.teacher, self.teacher_base, self.target_base,
-                                       self.cfg.output_weight)  # fmt: skip
-        options = RefineOptions(objective=objective, steps=steps, lr=self.cfg.lr, batch=self.cfg.batch,  # type: ignore[arg-type]
-                                seed=self.cfg.seed, output_weight=self.cfg.output_weight)  # fmt: skip
-        result = refine(list(trainable.parameters()), student, self.probes, targets, options, baseline=self.target_base)
+        result = distil(list(trainable.parameters()), lambda body: body(student), self.teachers, self.latents,
+                        self.labels, self.noiser, options, null_cond=self.text.null_index)  # fmt: skip
         return Refined(trainable.export(), result)
 
 
@@ -134,20 +118,20 @@ class _Cell(Protocol):
 
 def add_refined(cell: _Cell, source: ToyLDM, source_layers: Mapping[str, LoraFactors], target: ToyLDM,
                 start: Mapping[str, LoraFactors], start_name: str, text: TextEncoder, diffusion: Diffusion,
-                runs: Sequence[tuple[str, int]], cfg: DistillConfig) -> None:  # fmt: skip
-    """Score ``refine:<objective>@<steps>`` for every run on one benchmark cell (``CellScorer.add``).
+                runs: Mapping[str, RefineOptions], cfg: DistillConfig) -> None:  # fmt: skip
+    """Score ``refine:<name>`` for every run on one benchmark cell (``CellScorer.add``).
 
-    The probes and teacher predictions are built once and shared by the runs; each run starts
-    from ``start`` (the ``start_name`` method's layers). The info stored with each score says
-    what it cost: ``probe_seconds`` (generations + teacher passes, once per cell) and
-    ``seconds`` (that run's optimisation), plus the held-out losses.
+    The generations are made once and shared by the runs; each run starts from ``start`` (the
+    ``start_name`` method's layers). The info stored with each score says what it cost:
+    ``generation_seconds`` (once per cell) and ``seconds`` (that run's optimisation), plus the
+    held-out losses.
     """
-    teacher = Teacher(source, source_layers, target, start, text, diffusion, cfg)
-    for objective, steps in runs:
-        refined = teacher.refine(objective, steps)
+    generations = Generations(source, source_layers, target, start, text, diffusion, cfg)
+    for name, options in runs.items():
+        refined = generations.refine(options)
         r = refined.result
-        cell.add(f"refine:{objective}@{steps}", refined.layers, {
-            "refused": False, "layers_transferred": len(refined.layers), "start": start_name, "steps": steps,
-            "probe_seconds": round(teacher.seconds, 1), "seconds": r.seconds, "kept": r.kept,
+        cell.add(f"refine:{name}", refined.layers, {
+            "refused": False, "layers_transferred": len(refined.layers), "start": start_name, "steps": options.steps,
+            "generation_seconds": round(generations.seconds, 1), "seconds": r.seconds, "kept": r.kept,
             "holdout_before": r.holdout_before, "holdout_after": r.holdout_after, "holdout_no_lora": r.baseline,
         })  # fmt: skip

@@ -12,11 +12,15 @@ Metrics (the toy counterparts of the paper's HPSv2 / DINOv2 / LPIPS triad):
   ``paired`` — mean feature distance between the two images of each (prompt, seed) pair,
   the reading reviewers give the paper's DINOv2 column.
 
-Every score is computed per sampling seed and reported as mean and (population) std over seeds.
+Style, content and look are scored per image and reported as the mean with its standard error
+(sample std / √n, n = every image of the cell); a ±95 % interval is ±1.96 standard errors.
+Distance and paired are computed per sampling seed (a set statistic) and reported as the mean
+over seeds with the standard error over seeds.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,7 +82,7 @@ class Sampler:
 
 @dataclass
 class Scores:
-    """Per-seed metric values of one (target, adapter, method) cell."""
+    """Metric values of one (target, adapter, method) cell: per image (style, content, look), per seed (the rest)."""
 
     style: list[float]
     content: list[float]
@@ -87,15 +91,15 @@ class Scores:
     paired: list[float] | None = None
 
     def summary(self) -> dict[str, float | None]:
-        def mean_std(values: list[float] | None) -> tuple[float | None, float | None]:
-            if values is None:
-                return None, None
-            return statistics.fmean(values), statistics.pstdev(values)
-
+        """``{metric: mean, metric_se: standard error of the mean}`` for every metric (``None`` when absent)."""
         out: dict[str, float | None] = {}
         for name in ("style", "content", "look", "distance", "paired"):
-            m, s = mean_std(getattr(self, name))
-            out[name], out[f"{name}_std"] = m, s
+            values = getattr(self, name)
+            if values is None:
+                out[name], out[f"{name}_se"] = None, None
+                continue
+            out[name] = statistics.fmean(values)
+            out[f"{name}_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
         return out
 
 
@@ -119,20 +123,18 @@ def score(
     reference: torch.Tensor | None,
     bandwidth: float,
 ) -> Scores:
-    """Style, content, look (of domain ``domain_index``) and, with a reference set, distance; one value per seed."""
+    """Style, content, look (of domain ``domain_index``) per image and, with a reference set, distance per seed."""
     feats = classifier.features(images)
     content_logits, style_logits = classifier.content(feats), classifier.style(feats)
     style_p = style_logits.softmax(dim=1)[:, style_index]
     domain_p = classifier.domain(feats).softmax(dim=1)[:, domain_index]
     correct = (content_logits.argmax(dim=1) == labels).float()
     ref_feats = classifier.features(reference) if reference is not None else None
-    result = Scores(style=[], content=[], look=[], distance=[] if reference is not None else None,
+    result = Scores(style=style_p.tolist(), content=correct.tolist(), look=domain_p.tolist(),
+                    distance=[] if reference is not None else None,
                     paired=[] if reference is not None else None)  # fmt: skip
-    for f_seed, idx in zip(feats.chunk(seeds), torch.arange(len(images)).chunk(seeds), strict=True):
-        result.style.append(float(style_p[idx].mean()))
-        result.content.append(float(correct[idx].mean()))
-        result.look.append(float(domain_p[idx].mean()))
-        if ref_feats is not None and result.distance is not None and result.paired is not None:
+    if ref_feats is not None and result.distance is not None and result.paired is not None:
+        for f_seed, idx in zip(feats.chunk(seeds), torch.arange(len(images)).chunk(seeds), strict=True):
             r_seed = ref_feats[idx]
             result.distance.append(mmd2(f_seed, r_seed, bandwidth))
             result.paired.append(float((f_seed - r_seed).norm(dim=1).mean() / bandwidth))

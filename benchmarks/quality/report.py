@@ -45,67 +45,97 @@ def write_grids(out: Path, grids: Mapping[str, Mapping[str, torch.Tensor]]) -> l
     return paths
 
 
-def _fmt(mean: Any, std: Any, digits: int = 2) -> str:
+Z95 = 1.96  # a ±95 % interval is ±1.96 standard errors (normal approximation of a mean over ≥ 64 images)
+
+
+def _fmt(mean: Any, se: Any, digits: int = 2) -> str:
+    """``mean ± half-width of its 95 % interval`` (just the mean without a standard error)."""
     if mean is None:
         return "–"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {Z95 * se:.{digits}f}" if se is not None else f"{mean:.{digits}f}"
 
 
-def _ratio(value: Any, ref: Any) -> str:
-    if value is None or ref is None or ref <= 0 or math.isnan(ref):
+def _ratio_se(value: float, value_se: float, ref: float, ref_se: float) -> float:
+    """Standard error of ``value / ref`` (delta method, independent estimates)."""
+    return math.sqrt((value_se / ref) ** 2 + (value * ref_se / ref**2) ** 2)
+
+
+def _ratio(m: Mapping[str, Any] | None, ref: Mapping[str, Any] | None, key: str = "style") -> str:
+    """``m[key] / ref[key]`` with its 95 % interval, e.g. ``1.05× ± 0.06``."""
+    if m is None or ref is None or m.get(key) is None or ref.get(key) is None or ref[key] <= 0:
         return "–"
-    return f"{value / ref:.2f}×"
+    r = m[key] / ref[key]
+    se = _ratio_se(m[key], m[f"{key}_se"], ref[key], ref[f"{key}_se"])
+    return f"{r:.2f}× ± {Z95 * se:.2f}"
+
+
+def _versus(m: Mapping[str, Any], ref: Mapping[str, Any] | None, key: str) -> str:
+    """``▲``/``▼`` when the 95 % intervals of ``m[key]`` and ``ref[key]`` do not overlap, else ``=``."""
+    if ref is None or m.get(key) is None or ref.get(key) is None:
+        return ""
+    lo, hi = m[key] - Z95 * m[f"{key}_se"], m[key] + Z95 * m[f"{key}_se"]
+    ref_lo, ref_hi = ref[key] - Z95 * ref[f"{key}_se"], ref[key] + Z95 * ref[f"{key}_se"]
+    return "▲" if lo > ref_hi else "▼" if hi < ref_lo else "="
+
+
+def _scored(m: Mapping[str, Any], method: str, copy: Mapping[str, Any] | None, key: str) -> str:
+    """A score with its interval and, for a method other than ``copy``/``none``, ▲/▼/= against copy."""
+    text = _fmt(m[key], m[f"{key}_se"])
+    return text if method in ("copy", "none") else f"{text} {_versus(m, copy, key)}".rstrip()
 
 
 def render_tables(doc: Mapping[str, Any]) -> str:
-    """Markdown tables of a ``quality.json`` document."""
+    """Markdown tables of a ``quality.json`` document: the instrument, the targets, the summary, every cell."""
     lines: list[str] = []
     cfg = doc["config"]
+    n = cfg["seeds"] * cfg["per_seed"]
     lines.append(
         f"Run: {doc['seconds'] / 60:.1f} min wall ({', '.join(f'{k} {v:.0f} s' for k, v in doc['timings'].items())}); "
-        f"{cfg['seeds']} sampling seeds × {cfg['per_seed']} images; transfer R = {cfg['transfer_rank']}, "
-        f"LoRA-X R = {cfg['lorax_rank']}, threshold c = {cfg['threshold']}; quick = {cfg['quick']}."
+        f"{n} evaluation images per method ({cfg['seeds']} noise seeds × {cfg['per_seed']}); transfer R = "
+        f"{cfg['transfer_rank']}, LoRA-X R = {cfg['lorax_rank']}, threshold c = {cfg['threshold']}; "
+        f"quick = {cfg['quick']}. Every ± is a 95 % interval (1.96 standard errors of the mean over the images)."
     )
     lines.append("")
-    domains = doc.get("domains", {})
+    lines.extend(_instrument(doc))
+    lines.extend(_targets(doc))
     lines.extend(_refine_summary(doc))
+    domains = doc.get("domains", {})
     lines.append("### Adapters on their own base (`source`)")
     lines.append("")
     lines.append(f"`look` = probability of the `{domains.get('source', 'base')}` domain (`source`'s own look).")
     lines.append("")
-    lines.append("| adapter | style (none) | style (adapter) | content (adapter) | look (none) | look (adapter) |")
+    lines.append("| adapter | style (none) | style (adapter) | content (none) | content (adapter) | look (adapter) |")
     lines.append("|---|---|---|---|---|---|")
     for name, ref in doc["source_reference"].items():
+        none, own = ref["none"], ref["adapter"]
         lines.append(
-            f"| {name} | {_fmt(ref['none']['style'], ref['none']['style_std'])} | "
-            f"{_fmt(ref['adapter']['style'], ref['adapter']['style_std'])} | "
-            f"{_fmt(ref['adapter']['content'], ref['adapter']['content_std'])} | "
-            f"{_fmt(ref['none']['look'], ref['none']['look_std'])} | "
-            f"{_fmt(ref['adapter']['look'], ref['adapter']['look_std'])} |"
+            f"| {name} | {_fmt(none['style'], none['style_se'])} | {_fmt(own['style'], own['style_se'])} | "
+            f"{_fmt(none['content'], none['content_se'])} | {_fmt(own['content'], own['content_se'])} | "
+            f"{_fmt(own['look'], own['look_se'])} |"
         )
     for target, body in doc["targets"].items():
         lines.append("")
         lines.append(f"### Target `{target}`")
         lines.append("")
         # the bare target's own rate is the yardstick: a mixed-domain target (finetuned) is below 1 itself
-        bare = next(iter(body["adapters"].values()))["methods"]["none"]["look"]
+        bare = next(iter(body["adapters"].values()))["methods"]["none"]
         lines.append(
             f"`look` = probability of the `{body['domain']}` domain, the target's own look "
-            f"(bare target: {_fmt(bare, None)})."
+            f"(bare target: {_fmt(bare['look'], bare['look_se'])}). ▲/▼/= after a score: above / below / not "
+            "separable from `copy`'s (95 % intervals)."
         )
         lines.append("")
-        lines.append("| adapter | method | style | ×retrained | ×copy | content | look | distance (MMD²) | layers |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("| adapter | method | style | ×retrained | content | look | distance (MMD²) | layers |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for name, entry in body["adapters"].items():
             methods = entry["methods"]
-            ref_style = methods.get("retrained", {}).get("style")
-            copy_style = methods.get("copy", {}).get("style")
+            ref, copy = methods.get("retrained"), methods.get("copy")
             for method, m in methods.items():
                 layers = "refused" if m.get("refused") else str(m.get("layers_transferred", ""))
                 lines.append(
-                    f"| {name} | {method} | {_fmt(m['style'], m['style_std'])} | {_ratio(m['style'], ref_style)} | "
-                    f"{_ratio(m['style'], copy_style)} | {_fmt(m['content'], m['content_std'])} | "
-                    f"{_fmt(m['look'], m['look_std'])} | {_fmt(m['distance'], m['distance_std'], 3)} | {layers} |"
+                    f"| {name} | {method} | {_scored(m, method, copy, 'style')} | {_ratio(m, ref)} | "
+                    f"{_scored(m, method, copy, 'content')} | {_scored(m, method, copy, 'look')} | "
+                    f"{_fmt(m['distance'], m['distance_se'], 3)} | {layers} |"
                 )
         sim = doc["similarity"].get(target)
         if sim and sim.get("families"):
@@ -127,43 +157,127 @@ def render_tables(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _refine_summary(doc: Mapping[str, Any]) -> list[str]:
-    """The headline table: training-free vs data-free refinement vs retrained, first LoRA adapter per target.
+def _cells(doc: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """``(target, adapter, methods)`` of every cell."""
+    return [(t, a, e["methods"]) for t, body in doc["targets"].items() for a, e in body["adapters"].items()]
 
-    ``cost`` is what a refinement took on this CPU: probe building (generations + teacher
-    passes, shared by the runs of a cell) + that run's optimisation.
+
+def _instrument(doc: Mapping[str, Any]) -> list[str]:
+    """How far the metric can be trusted: classifier accuracy, bare models' content, the cells' standard errors."""
+    acc = doc["classifier_clean_accuracy"]
+    combos = sorted({k.rsplit("/", 1)[0] for k in acc})
+    lines = ["### The instrument", "",
+             "Metric classifier on fresh clean renders (accuracy per domain/style; content = shape class):", "",
+             "| domain/style | content | style | domain |", "|---|---|---|---|"]  # fmt: skip
+    for c in combos:
+        lines.append(f"| {c} | {acc[c + '/content']:.3f} | {acc[c + '/style']:.3f} | {acc[c + '/domain']:.3f} |")
+    lines.append(f"| **minimum** | {min(v for k, v in acc.items() if k.endswith('/content')):.3f} | "
+                 f"{min(v for k, v in acc.items() if k.endswith('/style')):.3f} | "
+                 f"{min(v for k, v in acc.items() if k.endswith('/domain')):.3f} |")  # fmt: skip
+    lines += ["", "Bare base models (no adapter): does each draw its prompt's shape? (content = class accuracy "
+              "of its samples by that classifier)", "", "| model | content | look |", "|---|---|---|"]  # fmt: skip
+    src = next(iter(doc["source_reference"].values()))["none"]
+    lines.append(f"| source | {_fmt(src['content'], src['content_se'])} | {_fmt(src['look'], src['look_se'])} |")
+    for target, body in doc["targets"].items():
+        none = next(iter(body["adapters"].values()))["methods"]["none"]
+        lines.append(f"| {target} | {_fmt(none['content'], none['content_se'])} | {_fmt(none['look'], none['look_se'])} |")
+    ses = {k: [m[f"{k}_se"] for _, _, ms in _cells(doc) for m in ms.values() if m.get(f"{k}_se") is not None]
+           for k in ("style", "content", "look")}  # fmt: skip
+    over = {k: sum(v > 0.02 for v in vals) for k, vals in ses.items()}
+    lines += ["", "Standard error of a cell's mean (every method of every cell): " + "; ".join(
+        f"{k} max {max(v):.3f}, median {sorted(v)[len(v) // 2]:.3f}, {over[k]} of {len(v)} above 0.02"
+        for k, v in ses.items() if v) + ".", ""]  # fmt: skip
+    return lines
+
+
+#: The issue's targets for refinement at the defaults: minimum style × retrained, and whether
+#: content and look must not fall below copy's (look with a tolerance).
+TARGET_RULES: dict[str, tuple[float, float]] = {
+    # target: (style × retrained at least, look tolerance below copy)
+    "finetuned": (1.0, 0.05),
+    "heavy": (1.0, 0.05),
+    "reparam": (0.9, 0.0),
+    "shallow": (0.9, 0.0),
+}
+
+
+def _check(ok: bool, shortfall: str) -> str:
+    return "met" if ok else f"missed ({shortfall})"
+
+
+def _targets(doc: Mapping[str, Any]) -> list[str]:
+    """Refinement at the defaults against its targets, cell by cell, read with the 95 % intervals.
+
+    Style: the ratio's point estimate ≥ the minimum. Content: not below copy's (the refined
+    interval's upper end reaches copy's mean). Look: ≥ copy's − tolerance, likewise.
+    """
+    rows = []
+    for target, name, methods in _cells(doc):
+        m, copy, ref = methods.get("refine:default"), methods.get("copy"), methods.get("retrained")
+        if m is None or copy is None or ref is None or target not in TARGET_RULES:
+            continue
+        need, tol = TARGET_RULES[target]
+        ratio = m["style"] / ref["style"] if ref["style"] > 0 else float("nan")
+        style_ok = ratio >= need
+        content_ok = m["content"] + Z95 * m["content_se"] >= copy["content"]
+        look_ok = m["look"] + Z95 * m["look_se"] >= copy["look"] - tol
+        d_content, d_look = m["content"] - copy["content"], m["look"] - copy["look"]
+        rows.append(
+            f"| {target} | {name} | {_ratio(m, ref)}: {_check(style_ok, f'{ratio - need:+.2f} vs {need:.1f}×')} | "
+            f"{_fmt(m['content'], m['content_se'])} vs {_fmt(copy['content'], copy['content_se'])}: "
+            f"{_check(content_ok, f'{d_content:+.2f}')} | "
+            f"{_fmt(m['look'], m['look_se'])} vs {_fmt(copy['look'], copy['look_se'])}: "
+            f"{_check(look_ok, f'{d_look:+.2f}')} |"
+        )
+    if not rows:
+        return []
+    return [
+        "### Targets: refinement at the node's defaults (`refine:default`)",
+        "",
+        "finetuned/heavy: style ≥ 1.0× retrained, content not below copy's, look ≥ copy's − 0.05; reparam/shallow: "
+        "style ≥ 0.9× retrained, content and look not below copy's. \"Not below\" = the refined 95 % interval "
+        "reaches copy's mean.",
+        "",
+        "| target | adapter | style × retrained | content vs copy | look vs copy |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _refine_summary(doc: Mapping[str, Any]) -> list[str]:
+    """The headline table: training-free vs data-free refinement vs retrained, on every refined cell.
+
+    ``cost`` is what a refinement took on this CPU: the generations (shared by the runs of a
+    cell) + that run's probes, teacher passes and optimisation.
     """
     rows: list[str] = []
-    for target, body in doc["targets"].items():
-        for name, entry in body["adapters"].items():
-            methods = entry["methods"]
-            refined = [m for m in methods if m.startswith("refine:")]
-            if not refined:
+    for target, name, methods in _cells(doc):
+        refined = [m for m in methods if m.startswith("refine:")]
+        if not refined:
+            continue
+        ref, copy = methods.get("retrained"), methods.get("copy")
+        for method in ("none", "copy", "auto", *refined, "retrained"):
+            m = methods.get(method)
+            if m is None:
                 continue
-            ref = methods.get("retrained", {}).get("style")
-            copy = methods.get("copy", {}).get("style")
-            for method in ("none", "copy", "auto", *refined, "retrained"):
-                m = methods.get(method)
-                if m is None:
-                    continue
-                cost = (f"{m['probe_seconds'] + m['seconds']:.0f} s ({m['steps']} steps)"
-                        if "seconds" in m and "probe_seconds" in m else "")  # fmt: skip
-                delta = "–" if copy is None else f"{m['style'] - copy:+.2f}"
-                rows.append(
-                    f"| {target} | {name} | {method} | {_fmt(m['style'], m['style_std'])} | {_ratio(m['style'], ref)} | "
-                    f"{delta} | {_fmt(m['content'], m['content_std'])} | {_fmt(m['look'], m['look_std'])} | {cost} |"
-                )
+            cost = (f"{m['generation_seconds'] + m['seconds']:.0f} s ({m['steps']} steps)"
+                    if "seconds" in m and "generation_seconds" in m else "")  # fmt: skip
+            rows.append(
+                f"| {target} | {name} | {method} | {_scored(m, method, copy, 'style')} | {_ratio(m, ref)} | "
+                f"{_scored(m, method, copy, 'content')} | {_scored(m, method, copy, 'look')} | {cost} |"
+            )
     if not rows:
         return []
     return [
         "### Summary: training-free transfer, data-free refinement, retraining",
         "",
-        "First LoRA adapter on every target that has a transfer to start from. `refine:<objective>@<steps>` "
-        "starts from `auto`'s result and uses no training image (lorax_core.refine: probes are the models' own "
-        "generations, re-noised). Style × retrained and style − copy (absolute); `look` as in the per-target tables.",
+        "`refine:default` is the Refine node at its defaults; `refine:<variant>` a comparison (see the config in "
+        "quality.json). Every refinement starts from `auto`'s result and uses no training image. ▲/▼/= after a "
+        "score: above / below / not separable from `copy`'s (95 % intervals).",
         "",
-        "| target | adapter | method | style | ×retrained | −copy | content | look | cost (this CPU) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| target | adapter | method | style | ×retrained | content | look | cost (this CPU) |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

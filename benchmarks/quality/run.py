@@ -36,6 +36,7 @@ import torch
 
 from lorax_core.errors import NothingTransferableError
 from lorax_core.linalg import top_subspace
+from lorax_core.refine import RefineOptions
 from lorax_core.transfer import lorax_to_lora, transfer_adapter
 from lorax_core.types import DictWeights, LoraFactors, LoraXFactors, TransferOptions, TransferResult, json_default
 
@@ -72,8 +73,17 @@ TARGET_DOMAIN: dict[str, str] = {
 #: starting from ``auto``'s transfer; ``unrelated`` is refused by ``auto``, so there is nothing to
 #: start from (a user would have to force the transfer first).
 REFINE_ON: tuple[str, ...] = ("finetuned", "heavy", "reparam", "shallow")
-LORA_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "auto")
-LORAX_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "lorax", "auto")
+#: Training-free methods every cell scores: stock loading, the core's rule, and LoRA-X's own
+#: method on LoRA-X adapters. ``--all-methods`` adds every other method (:data:`ALL_LORA_METHODS`),
+#: the rank sweep and the candidate rules, at about twice the run time.
+LORA_METHODS: tuple[str, ...] = ("copy", "auto")
+LORAX_METHODS: tuple[str, ...] = ("copy", "lorax", "auto")
+ALL_LORA_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "auto")
+ALL_LORAX_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "lorax", "auto")
+
+
+#: Bumped when the code that builds the world (models, adapters, classifier) changes, so a stale cache is not reused.
+WORLD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -110,18 +120,21 @@ class BenchConfig:
     threshold: float = 0.5
     styles: tuple[str, ...] = ("palette", "stripes")
     classifier_steps: int = 800
-    seeds: int = 5
-    per_seed: int = 8
+    #: evaluation images per method: ``seeds`` × ``per_seed`` (the standard error of a cell's mean
+    #: shrinks as 1/√(seeds · per_seed); 256 images keep it ≤ 0.02 for a rate up to 0.13 or from 0.87)
+    seeds: int = 8
+    per_seed: int = 32
     ddim_steps: int = 10
     guidance: float = 2.0
     seed: int = 0
     #: the targets to build and evaluate (a subset of :data:`TARGETS`, in that order)
     targets: tuple[str, ...] = TARGETS
-    #: data-free refinement runs ``(objective, steps)`` on the first LoRA adapter of every
-    #: :data:`REFINE_ON` target, all from one set of probes per cell
-    refine_runs: tuple[tuple[str, int], ...] = (
-        ("effect", 100), ("effect", 300), ("output", 100), ("output", 300), ("blend", 300),
-    )  # fmt: skip
+    #: every training-free method, the rank sweep and the candidate rules (``--all-methods``)
+    all_methods: bool = False
+    #: data-free refinement at the core's defaults (``refine:default``) on every adapter of every
+    #: :data:`REFINE_ON` target, plus ``refine_variants`` on the first LoRA adapter (comparisons)
+    refine_default: RefineOptions = field(default_factory=RefineOptions)
+    refine_variants: tuple[tuple[str, RefineOptions], ...] = (("effect", RefineOptions(keep_guidance=0.0)),)
     refine: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod
@@ -131,14 +144,20 @@ class BenchConfig:
             quick=True, base_steps=30, unrelated_steps=20, finetune_steps=10, heavy_steps=10, reparam_steps=4,
             distill_steps=10, batch=16,
             adapter_steps=6, adapter_batch=8, classifier_steps=30, lora_ranks=(8,), styles=("palette",),
-            rank_sweep=(32,), seeds=2, per_seed=4, ddim_steps=4,
-            refine_runs=(("effect", 3), ("output", 3), ("blend", 3)),
-            refine=DistillConfig(generations=4, probes=16, batch=4, ddim_steps=4),
+            rank_sweep=(32,), seeds=2, per_seed=4, ddim_steps=4, all_methods=True,
+            refine_default=RefineOptions(steps=3, probes=16, batch=4),
+            refine_variants=(("effect", RefineOptions(keep_guidance=0.0, steps=3, probes=16, batch=4)),
+                             ("output", RefineOptions(objective="output", steps=3, probes=16, batch=4))),
+            refine=DistillConfig(generations=4, ddim_steps=4),
         )  # fmt: skip
 
     def fingerprint(self) -> str:
-        """Hash of the settings the cached models and adapters depend on (the refine runs are not cached)."""
-        settings = {k: v for k, v in asdict(self).items() if k not in ("refine_runs", "refine")}
+        """Hash of the settings the cached models and adapters depend on (evaluation and refinement are not cached)."""
+        world = ("model", "shallow_depths", "base_steps", "unrelated_steps", "finetune_steps", "finetune_lr",
+                 "heavy_steps", "heavy_lr", "reparam_steps", "distill_steps", "batch", "base_lr", "adapter_steps",
+                 "adapter_batch", "lora_lr", "lorax_lr", "lora_ranks", "lorax_rank", "styles", "classifier_steps",
+                 "seed", "quick")  # fmt: skip
+        settings = {k: v for k, v in asdict(self).items() if k in world} | {"world_version": WORLD_VERSION}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -405,10 +424,14 @@ def _evaluate_cell(
     if reference is not None:
         cell.add_images("retrained", reference)
     transfers: dict[str, TransferResult | None] = {}
-    for method in LORAX_METHODS if kind == "lorax" else LORA_METHODS:
+    if cfg.all_methods:
+        methods = ALL_LORAX_METHODS if kind == "lorax" else ALL_LORA_METHODS
+    else:
+        methods = LORAX_METHODS if kind == "lorax" else LORA_METHODS
+    for method in methods:
         transfers[method] = _transfer(layers, source, target, method, cfg)
         cell.add_transfer(method, transfers[method])
-    if target_name in EXTRAS_ON:
+    if cfg.all_methods and target_name in EXTRAS_ON:
         if name == _adapters(cfg)[0][0]:
             for R in cfg.rank_sweep:
                 for method in ("project", "exact"):
@@ -417,11 +440,13 @@ def _evaluate_cell(
         if kind == "lora":
             for rule_name, rule in rules.CANDIDATES.items():
                 cell.add_transfer(rule_name, rules.compose(rule, transfers, layers))
-    if kind == "lora" and name == _adapters(cfg)[0][0] and target_name in REFINE_ON and cfg.refine_runs:
-        auto = transfers["auto"]
-        if auto is not None:
-            add_refined(cell, source, _on_base(layers, source), target, auto.layers, "auto", world.sampler.text,
-                        world.sampler.diffusion, cfg.refine_runs, cfg.refine)  # fmt: skip
+    auto = transfers["auto"]
+    if target_name in REFINE_ON and auto is not None:
+        runs = {"default": cfg.refine_default}
+        if name == _adapters(cfg)[0][0]:
+            runs.update((f"{variant}", options) for variant, options in cfg.refine_variants)
+        add_refined(cell, source, _on_base(layers, source), target, auto.layers, "auto", world.sampler.text,
+                    world.sampler.diffusion, runs, cfg.refine)  # fmt: skip
     return cell, transfers
 
 

@@ -1,4 +1,5 @@
-"""Data-free refinement (lorax_core.refine): the loop, its objectives, its safety nets, its errors."""
+"""Data-free refinement (lorax_core.refine): the one entry point, its objectives, the content-keeping term,
+its safety nets, its errors."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from torch.func import functional_call
 
 from lorax_core.errors import LoraxError, OptionError, ShapeMismatchError
 from lorax_core.refine import (
+    NullBranch,
     Probes,
     RefineOptions,
+    RefineResult,
+    Teachers,
     TrainableLora,
+    distil,
     distillation_targets,
     factors_like,
     make_probes,
@@ -94,24 +99,136 @@ def _world(seed: int = 0, drift: float = 0.4):
     return source, target, lora, probes
 
 
-@pytest.mark.parametrize("objective", ["effect", "output", "blend"])
-def test_refine_reduces_training_and_heldout_loss(objective: str) -> None:
+NULL = 2  # the tiny world's neutral prompt (conditioning index)
+LATENTS = torch.randn(16, 12, generator=torch.Generator().manual_seed(7))
+PROMPTS = torch.arange(16) % 2
+
+
+def _scope(f):
+    return lambda body: body(f)
+
+
+def _distil(source, target, lora, start, options: RefineOptions, null_cond: int | None = NULL,
+            **kwargs) -> tuple[TrainableLora, RefineResult]:  # fmt: skip
+    """The whole recipe through the one entry point, as the node and the benchmark run it."""
+    trainable = TrainableLora(start)
+    teachers = Teachers(_scope(_with(source, lora)), _scope(_with(source, {})), _scope(_with(target, {})))
+    result = distil(list(trainable.parameters()), _scope(_student(target, trainable)), teachers, LATENTS, PROMPTS,
+                    _noiser, options, null_cond=null_cond, **kwargs)  # fmt: skip
+    return trainable, result
+
+
+def _guidance_agreement(student, target, probes: Probes) -> float:
+    """Mean cosine between the student's and the bare target's guidance directions f(x, c) − f(x, ∅)."""
+    null = probes.under(NULL)
+    with torch.no_grad():
+        ds = student(probes.x, probes.t, probes.cond) - student(null.x, null.t, null.cond)
+        dt = target(probes.x, probes.t, probes.cond) - target(null.x, null.t, null.cond)
+    return float(torch.nn.functional.cosine_similarity(ds, dt, dim=1).mean())
+
+
+@pytest.mark.parametrize(
+    ("objective", "keep_guidance", "null_cond"),
+    [("effect", 0.5, NULL), ("effect", 0.0, None), ("output", 0.0, NULL), ("blend", 0.5, NULL)],
+)
+def test_distil_reduces_training_and_heldout_loss(objective: str, keep_guidance: float, null_cond: int | None) -> None:
     torch.manual_seed(0)
-    source, target, lora, probes = _world()
-    teacher = predict(_with(source, lora), probes)
-    targets = distillation_targets(objective, teacher, predict(_with(source, {}), probes), predict(_with(target, {}), probes))
-    trainable = TrainableLora(lora)
-    result = refine(list(trainable.parameters()), _student(target, trainable), probes, targets,
-                    RefineOptions(objective=objective, steps=150, lr=1e-2, batch=16))  # fmt: skip
-    assert len(result.losses) == 150
+    source, target, lora, _ = _world()
+    options = RefineOptions(objective=objective, keep_guidance=keep_guidance, steps=150, lr=1e-2, batch=16, probes=96)  # type: ignore[arg-type]
+    trainable, result = _distil(source, target, lora, lora, options, null_cond)
+    assert len(result.losses) == 150 and result.probes == 96
     assert sum(result.losses[-10:]) / 10 < 0.5 * sum(result.losses[:10]) / 10
     assert result.kept == "refined"
     assert result.holdout_after < 0.5 * result.holdout_before
+    assert result.baseline is not None and result.baseline > result.holdout_after
     refined = trainable.export()
     assert set(refined) == set(lora)
     for key in KEYS:
         assert refined[key].up.shape == lora[key].up.shape and refined[key].alpha == lora[key].alpha
         assert not torch.equal(refined[key].up, lora[key].up)
+
+
+def test_keep_guidance_keeps_the_targets_content_where_plain_effect_drops_it() -> None:
+    # The start barely changes the target (a weak transfer): its guidance direction, which carries
+    # the prompt's content, is the target's own. The source LoRA bends the source's guidance
+    # direction; plain effect matching carries that bend over and drops the agreement with the
+    # target's direction; the content-keeping term holds it while the effect is still learnt.
+    source, target, lora, _ = _world()
+    weak = {k: LoraFactors(up=f.up * 0.05, down=f.down, alpha=f.alpha) for k, f in lora.items()}
+    fresh = make_probes(LATENTS, PROMPTS, _noiser, 256, seed=11)
+    bare = _with(target, {})
+    start = _guidance_agreement(_with(target, weak), bare, fresh)
+    agreement, effect_error = {}, {}
+    for weight in (0.0, 2.0):
+        trainable, result = _distil(source, target, lora, weak, RefineOptions(keep_guidance=weight, steps=150,
+                                                                              lr=1e-2, batch=16, probes=96))  # fmt: skip
+        assert result.kept == "refined"
+        student = _student(target, trainable)
+        agreement[weight] = _guidance_agreement(student, bare, fresh)
+        # the LoRA's effect on fresh probes: target + refined LoRA − target ≈ source + LoRA − source
+        want = predict(_with(source, lora), fresh) - predict(_with(source, {}), fresh)
+        effect_error[weight] = float(((predict(student, fresh) - predict(bare, fresh) - want) ** 2).mean()
+                                     / (want**2).mean())  # fmt: skip
+    assert start > 0.95
+    assert agreement[0.0] < start - 0.2  # plain effect drops the target's content
+    assert agreement[2.0] > agreement[0.0] + 0.1  # the term keeps much of it
+    assert effect_error[2.0] < 0.8 and effect_error[0.0] < 0.8  # both still learn the LoRA's effect
+
+
+def test_refine_with_null_branch_runs_prompt_and_neutral_twins_in_one_batch() -> None:
+    source, target, lora, probes = _world()
+    teacher = predict(_with(source, lora), probes)
+    twins = probes.under(NULL)
+    trainable = TrainableLora(lora)
+    inner = _student(target, trainable)
+    seen: list[torch.Tensor] = []
+
+    def student(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        seen.append(c)
+        return inner(x, t, c)
+
+    bare = predict(_with(target, {}), probes)
+    null = NullBranch(NULL, predict(_with(source, lora), twins), bare - predict(_with(target, {}), twins), 0.5)
+    result = refine(list(trainable.parameters()), student, probes, teacher, RefineOptions(steps=3, batch=4),
+                    null=null, baseline=bare)  # fmt: skip
+    assert result.baseline is not None and result.baseline > 0
+    step_batches = seen[-4:-1]  # the last call is the held-out pass after training; the three before, the steps
+    for c in step_batches:
+        assert len(c) == 8 and bool((c[4:] == NULL).all())
+    with pytest.raises(ShapeMismatchError, match=r"refine: null.guide of shape \(95, 12\) do not match probes"):
+        refine(list(trainable.parameters()), student, probes, teacher, RefineOptions(steps=1),
+               null=NullBranch(NULL, teacher, teacher[:95], 0.5))  # fmt: skip
+
+
+def test_distil_reports_progress_over_teacher_passes_and_steps() -> None:
+    source, target, lora, _ = _world()
+    seen: list[tuple[int, int]] = []
+    checks = {"n": 0}
+
+    def check() -> None:
+        checks["n"] += 1
+
+    options = RefineOptions(steps=5, batch=16, probes=32)
+    _distil(source, target, lora, lora, options, progress=lambda d, t: seen.append((d, t)), check=check)
+    # 3 teacher passes over 32 probes + their 32 neutral twins in chunks of 16, then 5 steps
+    total = 3 * 4 + 5
+    assert seen[-1] == (total, total) and [d for d, _ in seen] == list(range(1, total + 1))
+    assert checks["n"] == total
+    seen.clear()
+    _distil(source, target, lora, lora, RefineOptions(objective="output", keep_guidance=0.0, steps=5, batch=16,
+                                                      probes=32), null_cond=None, progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    assert seen[-1] == (2 * 2 + 5, 2 * 2 + 5)  # output needs no source-without-LoRA pass; no twins
+
+
+def test_distil_errors() -> None:
+    source, target, lora, _ = _world()
+    with pytest.raises(OptionError, match=r"refine keep_guidance=0\.5 needs a neutral prompt"):
+        _distil(source, target, lora, lora, RefineOptions(keep_guidance=0.5), null_cond=None)
+    trainable = TrainableLora(lora)
+    teachers = Teachers(_scope(_with(source, lora)), None, _scope(_with(target, {})))
+    with pytest.raises(OptionError, match="refine objective 'effect' needs the source model without its LoRA"):
+        distil(list(trainable.parameters()), _scope(_student(target, trainable)), teachers, LATENTS, PROMPTS, _noiser,
+               RefineOptions(), null_cond=NULL)  # fmt: skip
 
 
 def test_blend_lies_between_effect_and_output() -> None:
@@ -246,6 +363,9 @@ def test_result_metadata_and_summary() -> None:
         ({"batch": 0}, "refine batch must be a positive integer; got 0"),
         ({"holdout": 1.0}, r"refine holdout must be a fraction in \(0, 1\); got 1.0"),
         ({"max_grad_norm": 0.0}, "refine max_grad_norm must be > 0"),
+        ({"keep_guidance": -1.0}, "refine keep_guidance must be a number ≥ 0; got -1.0"),
+        ({"keep_guidance": float("inf")}, "refine keep_guidance must be a number ≥ 0; got inf"),
+        ({"probes": 4}, "refine probes must be an integer ≥ 8; got 4"),
     ],
 )
 def test_option_errors(kwargs: dict[str, object], message: str) -> None:
