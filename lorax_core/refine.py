@@ -331,6 +331,7 @@ class RefineResult:
             "lorax.refined": "true",
             "lorax.refine.method": "data-free distillation (Trans-LoRA, arXiv 2405.17258) on the models' own samples",
             "lorax.refine.objective": o.objective if o.objective != "blend" else f"blend (output weight {o.output_weight:g})",
+            "lorax.refine.keep_guidance": f"{o.keep_guidance:g}",
             "lorax.refine.steps": str(o.steps),
             "lorax.refine.lr": f"{o.lr:g}",
             "lorax.refine.batch": str(o.batch),
@@ -349,7 +350,7 @@ class RefineResult:
         o = self.options
         lines = [
             f"Refined ({o.objective} matching): {len(self.losses)} steps, lr {o.lr:g}, batch {o.batch}, "
-            f"{self.probes} synthetic probes, {self.seconds:.1f} s.",
+            f"{self.probes} synthetic probes, keep_guidance {o.keep_guidance:g}, {self.seconds:.1f} s.",
             f"Held-out loss: {self.holdout_before:.4g} at the start → {self.holdout_after:.4g}"
             + (f" (bare target without the LoRA: {self.baseline:.4g})" if self.baseline is not None else "") + ".",
         ]  # fmt: skip

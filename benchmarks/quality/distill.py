@@ -36,7 +36,7 @@ class DistillConfig:
 
     generations: int = 32  # per model (teacher and target + transferred LoRA)
     ddim_steps: int = 10
-    guidance: float = 2.0
+    guidance: float = 3.0  # the benchmark sets its evaluation guidance here
     seed: int = 0
 
 

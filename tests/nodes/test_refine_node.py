@@ -138,8 +138,8 @@ def test_refine_lowers_the_loss_and_keeps_layers_and_inputs(refined, weak, model
     assert chart.ndim == 4 and chart.shape[0] == 1 and chart.shape[-1] == 3 and chart.dtype == torch.float32
     assert 0.0 <= float(chart.min()) and float(chart.max()) <= 1.0
     # One progress bar over generation, teacher passes and training: 2 × 2 sampling steps,
-    # 3 passes × 8 chunks, 20 steps.
-    total = 2 * 2 + 3 * 8 + 20
+    # 3 passes × 16 chunks (16 probes and their 16 neutral twins, batch 2), 20 steps.
+    total = 2 * 2 + 3 * 16 + 20
     assert seen[-1] == (total, total) and [v for v, _ in seen] == sorted(v for v, _ in seen)
     # Nothing of the input changed: the target (shared with the student) and the transferred LoRA.
     target = models[1]
@@ -207,6 +207,12 @@ def test_cancel_stops_the_refinement_and_undoes_the_training_setup(tiny, models,
     assert all(torch.equal(weak[k], v) for k, v in tensors.items())
 
 
+def test_without_a_neutral_prompt_the_zeroed_prompt_plays_it(tiny, models, weak):
+    lora, _, report = _refine(tiny, models, weak, neutral=None, steps=2).result
+    assert "the first prompt zeroed out as the neutral one" in report
+    assert lora.metadata["lorax.refine.keep_guidance"] == "0.5"
+
+
 def _te_only(weak):
     out = pack_module("nodes._host").TransferredLora()
     out.factors = {"text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight":
@@ -239,6 +245,8 @@ ERRORS = [
     ("objective", lambda w, t: {"objective": "style"}, "OptionError", "refine objective 'style' is not one of"),
     ("output weight", lambda w, t: {"objective": "blend", "output_weight": 1.5}, "OptionError",
      "refine output_weight must be in [0, 1]; got 1.5"),
+    ("keep guidance", lambda w, t: {"keep_guidance": -1.0}, "OptionError",
+     "refine keep_guidance must be a number ≥ 0; got -1.0"),
 ]
 
 

@@ -15,13 +15,14 @@ import pytest
 from benchmarks.quality import data
 from benchmarks.quality.__main__ import main
 from benchmarks.quality.run import (
+    ALL_LORA_METHODS,
+    ALL_LORAX_METHODS,
     EXTRAS_ON,
-    LORA_METHODS,
-    LORAX_METHODS,
     REFINE_ON,
     RETRAIN_ON,
     TARGET_DOMAIN,
     TARGETS,
+    VARIANTS_ON,
     BenchConfig,
 )
 
@@ -52,13 +53,14 @@ def test_document_structure(quick_run: tuple[Path, dict]) -> None:
         assert body["domain"] == TARGET_DOMAIN[target] == doc["domains"][target]
         for name, entry in body["adapters"].items():
             methods = entry["methods"]
-            expected = set(LORAX_METHODS if entry["kind"] == "lorax" else LORA_METHODS) | {"none"}
+            # --quick runs every method (all_methods)
+            expected = set(ALL_LORAX_METHODS if entry["kind"] == "lorax" else ALL_LORA_METHODS) | {"none"}
             if target in RETRAIN_ON:
                 expected.add("retrained")
             assert expected <= set(methods), (target, name, expected - set(methods))
             for method, m in methods.items():
                 for field in (
-                    "style", "style_std", "content", "content_std", "look", "look_std", "distance", "distance_std",
+                    "style", "style_se", "content", "content_se", "look", "look_se", "distance", "distance_se",
                 ):  # fmt: skip
                     assert field in m, (target, name, method, field)
 
@@ -69,7 +71,7 @@ def test_scores_are_probabilities(quick_run: tuple[Path, dict]) -> None:
         for name, entry in body["adapters"].items():
             for method, m in entry["methods"].items():
                 assert _unit(m["style"]) and _unit(m["content"]) and _unit(m["look"]), (target, name, method, m)
-                assert m["style_std"] >= 0 and m["content_std"] >= 0 and m["look_std"] >= 0
+                assert m["style_se"] >= 0 and m["content_se"] >= 0 and m["look_se"] >= 0
                 if target in RETRAIN_ON:
                     assert m["distance"] is not None and m["distance"] >= 0
                 else:
@@ -113,6 +115,8 @@ def test_grids_and_markdown_written(quick_run: tuple[Path, dict]) -> None:
     assert "<!-- generated:start -->" in text and "### Target `shallow`" in text
     assert "### Target `heavy`" in text and "### Target `reparam`" in text
     assert "| look |" in text
+    assert "### The instrument" in text and "Bare base models" in text and "Standard error of a cell's mean" in text
+    assert "95 % interval" in text
 
 
 def test_extras_only_on_their_targets(quick_run: tuple[Path, dict]) -> None:
@@ -144,15 +148,31 @@ def test_classifier_reports_domain_accuracy(quick_run: tuple[Path, dict]) -> Non
 
 def test_refine_rows_on_their_targets_only(quick_run: tuple[Path, dict]) -> None:
     out, doc = quick_run
-    runs = {f"refine:{objective}@{steps}" for objective, steps in BenchConfig.quick_config().refine_runs}
+    variants = {f"refine:{name}" for name, _ in BenchConfig.quick_config().refine_variants}
     for target, body in doc["targets"].items():
+        first = next(iter(body["adapters"])).split("/")[1]
         for name, entry in body["adapters"].items():
             refined = {m for m in entry["methods"] if m.startswith("refine:")}
-            first_lora = entry["kind"] == "lora" and name.split("/")[1] == next(iter(body["adapters"])).split("/")[1]
-            assert refined == (runs if target in REFINE_ON and first_lora else set()), (target, name, refined)
+            expected = set()
+            if target in REFINE_ON:  # every adapter at the defaults; comparisons on the first LoRA adapter
+                expected = {"refine:default"} | (variants if name.split("/")[1] == first and target in VARIANTS_ON
+                                                 else set())  # fmt: skip
+            assert refined == expected, (target, name, refined)
             for method in refined:
                 m = entry["methods"][method]
                 assert m["start"] == "auto" and m["kept"] in ("refined", "start")
                 assert m["holdout_after"] <= m["holdout_before"]
-                assert m["seconds"] >= 0 and m["probe_seconds"] > 0
-    assert "### Summary: training-free transfer, data-free refinement, retraining" in (out / "QUALITY.md").read_text()
+                assert m["seconds"] >= 0 and m["generation_seconds"] > 0
+    text = (out / "QUALITY.md").read_text()
+    assert "### Summary: training-free transfer, data-free refinement, retraining" in text
+    assert "### Targets: refinement at the node's defaults" in text
+
+
+def test_identical_layers_reuse_their_samples(quick_run: tuple[Path, dict]) -> None:
+    _, doc = quick_run
+    for body in doc["targets"].values():
+        for entry in body["adapters"].values():
+            for m in entry["methods"].values():
+                if "same_as" in m:
+                    twin = entry["methods"][m["same_as"]]
+                    assert (m["style"], m["content"], m["look"]) == (twin["style"], twin["content"], twin["look"])
