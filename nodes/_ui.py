@@ -123,7 +123,10 @@ TIP_REFINE_SEED = (
     "Seeds the generations, the probes, the held-out split and the batch order: "
     "the same inputs and seed give the same LoRA."
 )
-TIP_BATCH = "Probes per step and per teacher pass. Lower it if the GPU runs out of memory."
+TIP_BATCH = (
+    "Probes per step (each runs with its neutral twin, so a step runs the model on twice as many) and per "
+    "teacher pass. Lower it if the GPU runs out of memory."
+)
 TIP_NEUTRAL = (
     "Optional: the conditioning of an empty prompt (CLIP Text Encode without text). Every probe is also run "
     "under it, so the LoRA's effect is learnt for the unconditional branch of guidance too and keep_guidance can "

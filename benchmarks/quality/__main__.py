@@ -1,4 +1,4 @@
-"""``python -m benchmarks.quality [--quick] [--out DIR] [--threads N] [--targets A,B] [--all-methods] [--drop-cache]``.
+"""``python -m benchmarks.quality [--quick] [--out DIR] [--threads N] [--jobs N] [--targets A,B] [--all-methods] [--drop-cache]``.
 
 Writes ``quality.json``, ``quality_<target>.png`` and the generated tables of ``QUALITY.md``
 into ``--out`` (default ``benchmarks/results``; ``--quick`` defaults to
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (default 1: on a shared 2-core machine two threads were up to 15× slower "
         "than one when other jobs competed for the cores)",
     )  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes evaluating targets in parallel (default 1; each uses --threads)")
     parser.add_argument(
         "--targets", default=",".join(TARGETS),
         help=f"comma-separated targets to build and evaluate (default: all of {','.join(TARGETS)})",
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     cfg = BenchConfig.quick_config() if args.quick else BenchConfig()
-    cfg = dataclasses.replace(cfg, threads=args.threads, targets=chosen, all_methods=cfg.all_methods or args.all_methods)
+    cfg = dataclasses.replace(cfg, threads=args.threads, jobs=max(1, args.jobs), targets=chosen,
+                              all_methods=cfg.all_methods or args.all_methods)
     out = args.out or Path("benchmarks/work/quality-quick" if args.quick else "benchmarks/results")
     doc = run(out, cfg, cache_root=args.cache)
     write_markdown(out / "QUALITY.md", doc, PREAMBLE)

@@ -27,8 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -94,6 +96,8 @@ class BenchConfig:
 
     quick: bool = False
     threads: int = 1
+    #: worker processes evaluating targets in parallel (1 = in this process)
+    jobs: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     shallow_depths: tuple[int, int, int, int, int] = (1, 1, 1, 1, 1)
     #: ``source`` from scratch: rounds of ``base_round`` steps (warm restarts); after one round its
@@ -475,6 +479,53 @@ def _evaluate_cell(
     return cell, transfers
 
 
+def _evaluate_target(
+    world: _World, target_name: str, progress: Callable[[str], None] = log.info
+) -> tuple[dict[str, object], dict[str, object] | None, dict[str, torch.Tensor]]:
+    """Every cell of one target: its ``quality.json`` entry, similarity statistics and sample-grid rows."""
+    cfg, bases, adapters = world.cfg, world.bases, world.adapters
+    target = bases[target_name]
+    none_imgs = world.sampler(target, target.state_dict())
+    rows: dict[str, torch.Tensor] = {"none": none_imgs}
+    similarity: dict[str, object] | None = None
+    per_adapter: dict[str, object] = {}
+    first = _adapters(cfg)[0][0]
+    for style in cfg.styles:
+        for name, kind, _ in _adapters(cfg):
+            cell, transfers = _evaluate_cell(world, target_name, style, name, kind, none_imgs)
+            per_adapter[f"{style}/{name}"] = {"style": style, "kind": kind, "methods": cell.methods}
+            if name == first:
+                for method, images in cell.images.items():
+                    rows[f"{style}:{method}"] = images
+                similarity = {
+                    **rules.similarity_stats(transfers),
+                    "weight_drift": _drift(bases["source"].state_dict(), target.state_dict(),
+                                           adapters[("source", style, name)]),
+                }  # fmt: skip
+            progress(f"evaluated {style}/{name} on {target_name}")
+    return {"domain": TARGET_DOMAIN[target_name], "adapters": per_adapter}, similarity, rows
+
+
+def _target_job(
+    job: tuple[BenchConfig, Path, str],
+) -> tuple[dict[str, object], dict[str, object] | None, dict[str, torch.Tensor]]:
+    """:func:`_evaluate_target` in a worker process, with the world read back from the cache."""
+    cfg, cache, target_name = job
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{target_name}] %(message)s")
+    torch.set_num_threads(cfg.threads)
+    cfg = replace(cfg, targets=(target_name,))
+    text, diffusion = TextEncoder(cfg.model), Diffusion()
+    classifier = Classifier()
+    classifier.load_state_dict(torch.load(cache / "classifier.pt", weights_only=True))
+    classifier.eval()
+    bases = _build_bases(cfg, text, diffusion, cache)
+    base_names = ("source", target_name) if target_name in RETRAIN_ON else ("source",)
+    adapters = build_adapters(cfg, bases, text, diffusion, cache, base_names, lambda _: None)
+    sampler = Sampler(text, diffusion, cfg.seeds, cfg.per_seed, cfg.ddim_steps, cfg.guidance)
+    world = _World(cfg, bases, adapters, sampler, classifier, feature_bandwidth(classifier))
+    return _evaluate_target(world, target_name)
+
+
 def build_adapters(
     cfg: BenchConfig,
     bases: Mapping[str, ToyLDM],
@@ -557,24 +608,17 @@ def run(
                 }
                 if name == _adapters(cfg)[0][0]:
                     grids["source"][f"{style}"] = own
-        for target_name in cfg.targets:
-            target = bases[target_name]
-            none_imgs = sampler(target, target.state_dict())
-            grids.setdefault(target_name, {})["none"] = none_imgs
-            per_adapter: dict[str, object] = {}
-            for style in cfg.styles:
-                for name, kind, _ in _adapters(cfg):
-                    cell, transfers = _evaluate_cell(world, target_name, style, name, kind, none_imgs)
-                    per_adapter[f"{style}/{name}"] = {"style": style, "kind": kind, "methods": cell.methods}
-                    if name == _adapters(cfg)[0][0]:
-                        for method, images in cell.images.items():
-                            grids[target_name][f"{style}:{method}"] = images
-                        similarity[target_name] = {
-                            **rules.similarity_stats(transfers),
-                            "weight_drift": _drift(src_state, target.state_dict(), adapters[("source", style, name)]),
-                        }
-                    progress(f"evaluated {style}/{name} on {target_name}")
-            results[target_name] = {"domain": TARGET_DOMAIN[target_name], "adapters": per_adapter}
+        if cfg.jobs > 1:
+            # one process per target at a time; each reads the world from the cache built above
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=context) as pool:
+                outcomes = list(pool.map(_target_job, [(cfg, cache, t) for t in cfg.targets]))
+        else:
+            outcomes = [_evaluate_target(world, t, progress) for t in cfg.targets]
+        for target_name, (entry, sim, rows) in zip(cfg.targets, outcomes, strict=True):
+            results[target_name], grids[target_name] = entry, rows
+            if sim is not None:
+                similarity[target_name] = sim
 
     seconds = round(time.perf_counter() - started, 1)
     document: dict[str, object] = {
