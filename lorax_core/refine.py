@@ -129,9 +129,9 @@ class RefineOptions:
     objective: Objective = "effect"
     output_weight: float = 0.5
     keep_guidance: float = 0.5
-    steps: int = 300
+    steps: int = 150
     lr: float = 3e-3
-    batch: int = 16
+    batch: int = 8
     probes: int = 256
     holdout: float = 0.125
     seed: int = 0
@@ -149,11 +149,11 @@ class RefineOptions:
             raise OptionError(f"refine keep_guidance must be a number ≥ 0; got {self.keep_guidance!r}. "
                               "Try 0.5 (0 turns the content-keeping term off).")  # fmt: skip
         if not isinstance(self.steps, int) or self.steps < 0:
-            raise OptionError(f"refine steps must be an integer ≥ 0; got {self.steps!r}. Try 300.")
+            raise OptionError(f"refine steps must be an integer ≥ 0; got {self.steps!r}. Try 150.")
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and 0 < self.lr <= 1):
             raise OptionError(f"refine learning rate must be in (0, 1]; got {self.lr!r}. Try 0.003.")
         if not isinstance(self.batch, int) or self.batch < 1:
-            raise OptionError(f"refine batch must be a positive integer; got {self.batch!r}. Try 16.")
+            raise OptionError(f"refine batch must be a positive integer; got {self.batch!r}. Try 8.")
         if not isinstance(self.probes, int) or self.probes < 8:
             raise OptionError(f"refine probes must be an integer ≥ 8; got {self.probes!r}. Try 256.")
         if not (0 < self.holdout < 1):
