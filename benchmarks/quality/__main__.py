@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, threads=args.threads, jobs=max(1, args.jobs), targets=chosen,
                               all_methods=cfg.all_methods or args.all_methods)
     out = args.out or Path("benchmarks/work/quality-quick" if args.quick else "benchmarks/results")
-    doc = run(out, cfg, cache_root=args.cache)
-    write_markdown(out / "QUALITY.md", doc, PREAMBLE)
+    # QUALITY.md is rewritten whenever a target finishes, so an interrupted run leaves the finished ones
+    doc = run(out, cfg, cache_root=args.cache, on_update=lambda d: write_markdown(out / "QUALITY.md", d, PREAMBLE))
     if args.drop_cache or args.quick:
         shutil.rmtree(args.cache / cfg.fingerprint(), ignore_errors=True)
     print(f"wrote {out / 'quality.json'} in {doc['seconds']:.0f} s")

@@ -95,6 +95,8 @@ def render_tables(doc: Mapping[str, Any]) -> str:
         f"{cfg['transfer_rank']}, LoRA-X R = {cfg['lorax_rank']}, threshold c = {cfg['threshold']}; "
         f"quick = {cfg['quick']}. Every ± is a 95 % interval (1.96 standard errors of the mean over the images)."
     )
+    if not doc.get("complete", True):
+        lines.append(f"**Partial run**: targets still pending when this was written: {', '.join(doc['pending'])}.")
     lines.append("")
     lines.extend(_instrument(doc))
     lines.extend(_targets(doc))

@@ -31,7 +31,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -566,11 +566,18 @@ def build_adapters(
 
 
 def run(
-    out: Path, cfg: BenchConfig, *, cache_root: Path, progress: Callable[[str], None] = log.info
+    out: Path,
+    cfg: BenchConfig,
+    *,
+    cache_root: Path,
+    progress: Callable[[str], None] = log.info,
+    on_update: Callable[[dict[str, object]], None] | None = None,
 ) -> dict[str, object]:
     """Run the whole benchmark into ``out``; returns the ``quality.json`` document (also written there).
 
     Trained models are cached in ``cache_root / cfg.fingerprint()`` so an interrupted run resumes.
+    The document is written again whenever a target finishes (``complete: false`` and the
+    ``pending`` targets until the last), and ``on_update(document)`` is called each time.
     """
     started = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -604,13 +611,13 @@ def run(
     reference: dict[str, object] = {}
 
     with _Stage(timings, "evaluate"), ExitStack() as stack:
-        pending = None
+        pending: dict[Future, str] | None = None
         if cfg.jobs > 1:
             # targets in worker processes (each reads the world from the cache built above) while
             # this process scores the adapters on their own base
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=cfg.jobs,
                                                            mp_context=multiprocessing.get_context("spawn")))  # fmt: skip
-            pending = pool.map(_target_job, [(cfg, cache, t) for t in cfg.targets])
+            pending = {pool.submit(_target_job, (cfg, cache, t)): t for t in cfg.targets}
         src = bases["source"]
         src_state = src.state_dict()
         src_domain = data.DOMAINS.index(TARGET_DOMAIN["source"])
@@ -626,27 +633,44 @@ def run(
                 }
                 if name == _adapters(cfg)[0][0]:
                     grids["source"][f"{style}"] = own
-        outcomes = list(pending) if pending is not None else [_evaluate_target(world, t, progress) for t in cfg.targets]
-        for target_name, (entry, sim, rows) in zip(cfg.targets, outcomes, strict=True):
-            results[target_name], grids[target_name] = entry, rows
-            if sim is not None:
-                similarity[target_name] = sim
+        def publish(complete: bool) -> dict[str, object]:
+            document: dict[str, object] = {
+                # every finished target, in TARGETS order; a run still going lists the rest as pending
+                "targets": {t: results[t] for t in cfg.targets if t in results},
+                "complete": complete,
+                "pending": [t for t in cfg.targets if t not in results],
+                "source_reference": reference,
+                "similarity": {t: similarity[t] for t in cfg.targets if t in similarity},
+                "domains": {name: TARGET_DOMAIN[name] for name in ("source", *cfg.targets)},
+                "config": {**asdict(cfg), "fingerprint": cfg.fingerprint(), "torch": torch.__version__,
+                           "bandwidth": bandwidth},
+                "classifier_clean_accuracy": clean_accuracy,
+                "timings": timings,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "quality.json").write_text(json.dumps(document, indent=1, default=json_default))
+            write_grids(out, {t: grids[t] for t in ("source", *cfg.targets) if t in grids})
+            if on_update is not None:
+                on_update(document)
+            return document
 
-    seconds = round(time.perf_counter() - started, 1)
-    document: dict[str, object] = {
-        "targets": results,
-        "source_reference": reference,
-        "similarity": similarity,
-        "domains": {name: TARGET_DOMAIN[name] for name in ("source", *cfg.targets)},
-        "config": {**asdict(cfg), "fingerprint": cfg.fingerprint(), "torch": torch.__version__, "bandwidth": bandwidth},
-        "classifier_clean_accuracy": clean_accuracy,
-        "timings": timings,
-        "seconds": seconds,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(document, indent=1, default=json_default))
-    write_grids(out, grids)
-    return document
+        if pending is None:
+            for t in cfg.targets:
+                outcome = _evaluate_target(world, t, progress)
+                results[t], similarity_t, grids[t] = outcome
+                if similarity_t is not None:
+                    similarity[t] = similarity_t
+                publish(False)
+        else:
+            for future in as_completed(pending):
+                t = pending[future]
+                results[t], similarity_t, grids[t] = future.result()
+                if similarity_t is not None:
+                    similarity[t] = similarity_t
+                progress(f"target {t} done")
+                publish(False)
+    return publish(True)
 
 
 def _drift(
