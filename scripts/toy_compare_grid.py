@@ -21,22 +21,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from PIL import Image
 
-from benchmarks.quality.distill import Teacher
+from benchmarks.quality.distill import Generations
 from benchmarks.quality.evaluate import Sampler, merge
 from benchmarks.quality.model import Diffusion, TextEncoder
 from benchmarks.quality.run import BenchConfig, _adapters, _build_bases, _transfer
 from benchmarks.quality.train import train_adapter
+from lorax_core.refine import RefineOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "heavy"
 STYLE = "palette"
-REFINE = ("effect", 300)
+REFINE = RefineOptions()  # the Refine node's defaults
 COLUMNS = 8  # two prompts per class
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots" / "compare_grid_toy.png")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "work" / "quality-cache",
-                        help="trained toy models (shared with python -m benchmarks.quality --keep-cache)")
+                        help="trained toy models (shared with python -m benchmarks.quality, which keeps them)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = BenchConfig(targets=(TARGET,))
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     transferred = _transfer(lora, source, target, "auto", cfg)
     if transferred is None:
         raise SystemExit("the transfer refused every layer; nothing to compare")
-    refined = Teacher(source, lora, target, transferred.layers, text, diffusion, cfg.refine).refine(*REFINE)
+    refined = Generations(source, lora, target, transferred.layers, text, diffusion,
+                          replace(cfg.refine, guidance=cfg.guidance)).refine(REFINE)
     sampler = Sampler(text, diffusion, seeds=1, per_seed=COLUMNS, steps=cfg.ddim_steps, guidance=cfg.guidance)
     s_state, t_state = source.state_dict(), target.state_dict()
     runs = [
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         ("target, no LoRA", target, t_state),
         ("target + LoRA loaded directly (copy)", target, merge(t_state, lora)),
         ("target + transferred (auto)", target, merge(t_state, transferred.layers)),
-        (f"target + refined ({REFINE[0]}, {REFINE[1]} steps)", target, merge(t_state, refined.layers)),
+        (f"target + refined ({REFINE.objective}, {REFINE.steps} steps)", target, merge(t_state, refined.layers)),
     ]
     rows = [(label, sampler(model, state).clamp(0, 1).permute(0, 2, 3, 1)) for label, model, state in runs]
     title = (f"toy world (benchmarks/quality): LoRA r{rank} '{STYLE}' from source to '{TARGET}'; same prompts "
