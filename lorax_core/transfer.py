@@ -407,6 +407,7 @@ def transfer_adapter(
 
     matches = _resolve_targets(layers, source, target, options, provider)
     keys = list(layers)
+    run = _Run(source, target, options, provider, similarity)
 
     def request(key: str) -> tuple[str, str, int] | None:
         return _subspace_request(key, layers[key], matches.get(key), source, target, options)
@@ -424,9 +425,7 @@ def transfer_adapter(
                 method = choose_method(layer, options.method, conv=conv)
                 entry = LayerReport(key=display, status="skipped", reason="", method=method, source_key=key)
                 try:
-                    factors = _transfer_one(
-                        key, layer, method, matches.get(key), source, target, options, provider, similarity, entry
-                    )
+                    factors = _transfer_one(run, key, layer, method, matches.get(key), entry)
                 except _Skip as skip:
                     entry.code, entry.reason = skip.reason, skip.text
                     record(entry, skip.detail)
@@ -564,22 +563,26 @@ def _geometry(
     return _Geometry(tkey, tshape, m, n, norm)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every layer of one :func:`transfer_adapter` call shares: the models, the options, the
+    subspace supply and the similarity table to reuse."""
+
+    source: WeightSource
+    target: WeightSource
+    options: TransferOptions
+    provider: SubspaceProvider
+    similarity: SimilarityTable | None
+
+
 def _transfer_one(
-    key: str,
-    layer: AdapterLayer,
-    method: str,
-    match: LayerMatch | None,
-    source: WeightSource,
-    target: WeightSource,
-    options: TransferOptions,
-    provider: SubspaceProvider,
-    similarity: SimilarityTable | None,
-    entry: LayerReport,
+    run: _Run, key: str, layer: AdapterLayer, method: str, match: LayerMatch | None, entry: LayerReport
 ) -> LoraFactors:
     """One layer, top-down: geometry → (gate and project | copy) → finish.
 
     Fills ``entry`` and returns the output factors, or raises :class:`_Skip`.
     """
+    source, target, options = run.source, run.target, run.options
     geo = _geometry(key, layer, match, source, target, entry)
     notes: list[str] = []
     if match is not None and match.by == "similarity":
@@ -587,8 +590,7 @@ def _transfer_one(
     # copy asked for by name skips the similarity test (it is what loading the LoRA directly
     # does); every other method, and copy chosen by auto, is gated on it.
     if _gated(layer, options):
-        flat, method = _gate_and_project(key, layer, method, geo, source, target, options, provider, similarity,
-                                         entry, notes)  # fmt: skip
+        flat, method = _gate_and_project(run, key, layer, method, geo, entry, notes)
     else:
         device = torch.device(options.device)
         flat = LoraFactors(
@@ -603,17 +605,7 @@ def _transfer_one(
 
 
 def _gate_and_project(
-    key: str,
-    layer: AdapterLayer,
-    method: str,
-    geo: _Geometry,
-    source: WeightSource,
-    target: WeightSource,
-    options: TransferOptions,
-    provider: SubspaceProvider,
-    similarity: SimilarityTable | None,
-    entry: LayerReport,
-    notes: list[str],
+    run: _Run, key: str, layer: AdapterLayer, method: str, geo: _Geometry, entry: LayerReport, notes: list[str]
 ) -> tuple[LoraFactors, str]:
     """Decompose, test similarity (and, for ``auto``/``align``, a re-parameterised side), then project.
 
@@ -621,6 +613,7 @@ def _gate_and_project(
     ``align``); fills the similarity fields of ``entry`` and appends to ``notes``; raises
     :class:`_Skip` for a damaged weight or a layer below the threshold (unless ``force``).
     """
+    source, target, options, provider = run.source, run.target, run.options, run.provider
     tkey, m, n = geo.target_key, geo.m, geo.n
     R = _subspace_rank(layer, options, m, n)
     try:
@@ -628,7 +621,7 @@ def _gate_and_project(
         tgt = provider.get(target, tkey, R)
     except NonFiniteError as exc:
         raise _Skip(SkipReason.NONFINITE_WEIGHT, str(exc)) from None
-    sim = _similarity_for(key, tkey, src, tgt, R, m, n, options, similarity)
+    sim = _similarity_for(key, tkey, src, tgt, R, m, n, options, run.similarity)
     entry.phi_left, entry.phi_right = sim.phi_left, sim.phi_right
     entry.chance, entry.similarity_rank, entry.threshold = sim.chance, sim.rank, sim.threshold
     # A layer the gate refuses may be the source layer with one side in another basis (hidden
