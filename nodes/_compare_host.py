@@ -21,7 +21,7 @@ import comfy.samplers
 import torch
 
 from ..lorax_core.errors import IncompatibleBaseError, OptionError
-from . import _host, _refine_host
+from . import _host, _training
 
 SAMPLERS: list[str] = list(comfy.samplers.KSampler.SAMPLERS)
 SCHEDULERS: list[str] = list(comfy.samplers.KSampler.SCHEDULERS)
@@ -92,7 +92,7 @@ def _latent_samples(latent: Mapping[str, Any], model: Any) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor) or samples.is_nested or samples.ndim < 3 or samples.shape[0] == 0:
         raise OptionError("latent must be a LATENT such as Empty Latent Image's output; its batch size is the "
                           "number of images per row.")  # fmt: skip
-    return _refine_host.fit_latent(model, samples, "latent", "connect an Empty Latent Image made for this model")
+    return _training.fit_latent(model, samples, "latent", "connect an Empty Latent Image made for this model")
 
 
 def sample_rows(rows: Sequence[tuple[str, Any | str]], settings: Settings,

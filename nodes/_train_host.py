@@ -10,7 +10,7 @@ runs that same machinery (reused, not rewritten):
   (``SubspaceProvider`` over ``_host.PatcherWeights`` and ``_host.subspace_cache``), float32 and
   sign-fixed, so the trained ΔΣ means the same on any machine that has the source model;
 * the student is a clone of the ``MODEL`` with the wrappers, loaded and restored by
-  ``_refine_host.trainable`` (gradient checkpointing, ``requires_grad``, weight functions);
+  ``_training.trainable`` (gradient checkpointing, ``requires_grad``, weight functions);
 * ``TrainSampler`` runs the steps with ComfyUI's x0 MSE loss and an AdamW over the cores only.
 
 The trained MODEL output is a fresh clone of the input with the exact standard-LoRA form of the
@@ -40,9 +40,7 @@ from ..lorax_core.lorax_module import LoraXDelta
 from ..lorax_core.subspaces import SubspaceProvider
 from ..lorax_core.types import LoraFactors, LoraXFactors, flat_shape
 from . import _host
-from ._refine_host import copy_other_weights, fit_latent, trainable
-
-Conditioning = list[list[Any]]
+from ._training import Conditioning, copy_other_weights, fit_latent, trainable
 
 # Which weights a layer-kind choice trains, by the module path's components (ComfyUI's own
 # module names: attn1/attn2 in SD UNets, img_attn/txt_attn in Flux, attn in SD3/DiT blocks;
