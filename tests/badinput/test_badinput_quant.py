@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lorax_core.cli import main
 from lorax_core.errors import FormatError, NonFiniteError
+from lorax_core.library import EXIT_PARTIAL
 from lorax_core.modelio import open_model
 
 gguf = pytest.importorskip("gguf")
@@ -90,11 +91,12 @@ def test_broken_scaled_fp8_scales(files: Files, tmp_path: Path, capsys, scale, e
     with pytest.raises(error, match=message):
         open_model(path).get(key)
     # Through the command line: one line on stderr, or (NaN: the layer's weights are damaged, as
-    # for any non-finite base weight) that layer skipped with its reason in the report.
+    # for any non-finite base weight) that layer skipped with its reason in the report, and the
+    # partial transfer's own exit status.
     code = main(transfer_argv(files, source=path, target=path, report=tmp_path / "r.json"))
     if error is FormatError:
         assert code != 0 and "scaled.safetensors" in one_error_line(capsys)
     else:
         layers = json.loads((tmp_path / "r.json").read_text())["layers"]
         skipped = [layer for layer in layers if layer["status"] != "transferred"]
-        assert code == 0 and len(skipped) == 1 and "NaN" in skipped[0]["reason"], skipped
+        assert code == EXIT_PARTIAL and len(skipped) == 1 and "NaN" in skipped[0]["reason"], skipped

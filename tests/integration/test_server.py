@@ -148,7 +148,7 @@ def test_transfer_refine_refines_applies_samples_and_saves(server, object_info):
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     report = _text(entry, _node(api, "LoraXRefineTransferredLoRA"))
     assert report.startswith("lorax_tiny_sd15_lora.safetensors: SD15 → SD15\nLoRA-X transfer: 60 of 60 layers")
-    assert "Refined (effect matching): 4 steps, lr 0.0005, batch 4, 16 synthetic probes" in report
+    assert "Refined (effect matching): 4 steps, lr 0.003, batch 4, 16 synthetic probes, keep_guidance 0.5" in report
     assert "48 diffusion-model layers refined" in report
     assert entry["outputs"][_node(api, "PreviewImage")]["images"]  # the loss curve
     images = entry["outputs"][_node(api, "SaveImage")]["images"]
