@@ -1,6 +1,6 @@
 """ComfyUI glue of Compare LoRA Transfer: one sampling run per row on patched clones, decoded, in one grid.
 
-Everything goes through ComfyUI's own machinery (COMFYUI.md §7 "reuse; do not rewrite"):
+Everything goes through ComfyUI's own machinery (reused, not rewritten):
 
 * each row's model is the connected ``MODEL`` or a ``clone()`` of it with a LoRA's patches
   (``_host.apply_lora``: ``comfy.lora.load_lora`` → ``add_patches``): clones share the loaded
