@@ -6,14 +6,16 @@ reproducible on the same machine and thread count. Float32, CPU.
 
 from __future__ import annotations
 
+import abc
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lorax_core.lorax_module import add_lorax, collect_lorax
+from lorax_core.lycoris import LycorisLayer, build_lycoris
 from lorax_core.types import LoraFactors, LoraXFactors
 
 from . import data
@@ -21,12 +23,19 @@ from .model import Diffusion, TextEncoder, ToyLDM, to_latent
 
 __all__ = [
     "ADAPTED_SUFFIXES",
+    "LYCORIS_KINDS",
     "Classifier",
+    "LohaLayer",
+    "LokrLayer",
     "LoraConv2d",
     "LoraLinear",
     "add_lora",
+    "add_lycoris",
     "collect_lora",
+    "collect_lycoris",
     "distill",
+    "kron_split",
+    "lycoris_layer",
     "train_adapter",
     "train_classifier",
     "train_diffusion",
@@ -187,16 +196,21 @@ class LoraConv2d(nn.Module):
         return LoraFactors(up=self.up.detach().clone(), down=self.down.detach().clone(), alpha=self.alpha)
 
 
-def add_lora(model: nn.Module, rank: int, seed: int) -> list[str]:
-    """Wrap every adapted layer (:data:`ADAPTED_SUFFIXES`) of ``model`` with a LoRA, in place."""
+def _wrap(model: nn.Module, seed: int, make: Callable[[nn.Module, torch.Generator], nn.Module]) -> list[str]:
+    """Replace every adapted layer (:data:`ADAPTED_SUFFIXES`) of ``model`` by ``make(layer, generator)``, in place."""
     g = torch.Generator().manual_seed(seed)
     chosen = [(n, m) for n, m in model.named_modules() if _adapted(n, m)]
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        wrapper = LoraLinear(module, rank, g) if isinstance(module, nn.Linear) else LoraConv2d(module, rank, g)
-        setattr(parent, child, wrapper)
+        setattr(model.get_submodule(parent_name), child, make(module, g))
     return [n for n, _ in chosen]
+
+
+def add_lora(model: nn.Module, rank: int, seed: int) -> list[str]:
+    """Wrap every adapted layer (:data:`ADAPTED_SUFFIXES`) of ``model`` with a LoRA, in place."""
+    return _wrap(
+        model, seed, lambda m, g: LoraLinear(m, rank, g) if isinstance(m, nn.Linear) else LoraConv2d(m, rank, g)
+    )
 
 
 def collect_lora(model: nn.Module) -> dict[str, LoraFactors]:
@@ -205,6 +219,154 @@ def collect_lora(model: nn.Module) -> dict[str, LoraFactors]:
         f"{name}.weight": module.factors()
         for name, module in model.named_modules()
         if isinstance(module, LoraLinear | LoraConv2d)
+    }
+
+
+def kron_split(n: int) -> tuple[int, int]:
+    """``(small, large)`` with ``small · large = n``, as balanced as ``n``'s divisors allow.
+
+    The split LyCORIS's LoKr makes of each side of a weight at its default ``factor=-1``
+    (``lycoris.functional.factorization``): the largest divisor of ``n`` not above √n, and its
+    cofactor — 32 → (4, 8), 64 → (8, 8), 96 → (8, 12), 128 → (8, 16), 256 → (16, 16).
+    """
+    small = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return small, n // small
+
+
+class _ProductAdapter(nn.Module, abc.ABC):
+    """A LyCORIS adapter on a frozen ``nn.Linear``/``nn.Conv2d``: ``y = base(x) + op(x, ΔW)``.
+
+    ``ΔW`` (:meth:`delta`, ``(out, in·kh·kw)`` float32) is formed from the factors on every
+    call, as LyCORIS trains and ComfyUI applies these types: a Hadamard or Kronecker product has
+    no cheaper exact forward, and here the largest layer is 64 × 576. Subclasses give
+    :meth:`delta` and :meth:`parts`, the layer's tensors as an adapter file stores them.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d) -> None:
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.out_features, self.fan_in = int(base.weight.shape[0]), int(base.weight[0].numel())
+
+    @abc.abstractmethod
+    def delta(self) -> torch.Tensor:
+        """The exact update on the flattened weight, ``(out, in·kh·kw)``, scale included."""
+
+    @abc.abstractmethod
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The layer's file tensors by suffix (``{".hada_w1_a": …, ".alpha": …}``), detached copies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        w = self.delta().reshape(b.weight.shape)
+        if isinstance(b, nn.Conv2d):
+            return b(x) + F.conv2d(x, w, None, b.stride, b.padding, b.dilation, b.groups)
+        return b(x) + F.linear(x, w)
+
+
+class LohaLayer(_ProductAdapter):
+    """LoHa on a Linear or Conv2d: ``ΔW = (up1 down1) ∘ (up2 down2) · alpha / rank``.
+
+    The low-rank Hadamard product of FedPara (Hyeon-Woo et al., arXiv 2108.06098, §3.1, Eq. 3),
+    in the layout LyCORIS's ``LohaModule`` (without Tucker) saves and ComfyUI v0.3.75 applies
+    (``comfy/weight_adapter/loha.py``): ``hada_w1_a``/``hada_w2_a`` = ``up1``/``up2`` ``(out, r)``,
+    ``hada_w1_b``/``hada_w2_b`` = ``down1``/``down2`` ``(r, in·kh·kw)`` — a 3×3 kernel lives in the
+    down factors — and the scale ``alpha / hada_w1_b.shape[0]``. ``ΔW`` has rank ≤ r².
+
+    Initialised as LyCORIS does: ``up1 ~ N(0, 0.1²)``, ``down1, down2 ~ N(0, 1)`` and ``up2 = 0``,
+    so the adapter starts as the base layer. ``alpha = rank`` (scale 1), as the LoRAs here.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, generator: torch.Generator) -> None:
+        super().__init__(base)
+        m, n = self.out_features, self.fan_in
+        self.up1 = nn.Parameter(0.1 * torch.randn(m, rank, generator=generator))
+        self.down1 = nn.Parameter(torch.randn(rank, n, generator=generator))
+        self.up2 = nn.Parameter(torch.zeros(m, rank))  # zero: starts as the base layer
+        self.down2 = nn.Parameter(torch.randn(rank, n, generator=generator))
+        self.alpha = float(rank)
+
+    def delta(self) -> torch.Tensor:
+        return (self.up1 @ self.down1) * (self.up2 @ self.down2) * (self.alpha / self.down1.shape[0])
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        tensors = {".hada_w1_a": self.up1, ".hada_w1_b": self.down1, ".hada_w2_a": self.up2, ".hada_w2_b": self.down2}
+        return {k: v.detach().clone() for k, v in tensors.items()} | {".alpha": torch.tensor(self.alpha)}
+
+
+class LokrLayer(_ProductAdapter):
+    """LoKr on a Linear or Conv2d: ``ΔW = block ⊗ (up2 down2) · alpha / dim``.
+
+    The Kronecker adapter of LyCORIS (Yeh et al., arXiv 2309.14859, §3.3) as its ``LokrModule``
+    makes it at ``factor=-1`` with a factored second block, and ComfyUI v0.3.75 applies it
+    (``comfy/weight_adapter/lokr.py``): each side of the weight is split by :func:`kron_split`,
+    ``out = a·b`` and ``in = c·d``; ``lokr_w1`` = ``block`` ``(a, c)`` is a small full matrix,
+    ``lokr_w2_a`` = ``up2`` ``(b, dim)``, ``lokr_w2_b`` = ``down2`` ``(dim, d·kh·kw)`` — a 3×3
+    kernel lives in the second block's down factor — and the scale is ``alpha / dim``.
+    ``ΔW`` has rank ≤ ``min(a, c) · dim``.
+
+    Initialised as LyCORIS does: ``block`` and ``up2`` Kaiming-uniform (``a = √5``), ``down2 = 0``,
+    so the adapter starts as the base layer. ``alpha = dim`` (scale 1), as the LoRAs here.
+
+    Raises:
+        ValueError: ``dim ≥ max(b, d) / 2``, where LyCORIS stores ``lokr_w2`` as a full matrix instead.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, dim: int, generator: torch.Generator) -> None:
+        super().__init__(base)
+        in_channels = int(base.weight.shape[1])
+        kernel = self.fan_in // in_channels
+        (a, b), (c, d) = kron_split(self.out_features), kron_split(in_channels)
+        if dim >= max(b, d) / 2:
+            raise ValueError(
+                f"LoKr dim {dim} on a {self.out_features}×{in_channels} layer: LyCORIS stores lokr_w2 full when "
+                f"dim ≥ max({b}, {d}) / 2; use dim < {max(b, d) / 2:g}"
+            )
+        self.block = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(a, c), a=math.sqrt(5), generator=generator))
+        self.up2 = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(b, dim), a=math.sqrt(5), generator=generator))
+        self.down2 = nn.Parameter(torch.zeros(dim, d * kernel))  # zero: starts as the base layer
+        self.alpha = float(dim)
+
+    def delta(self) -> torch.Tensor:
+        return torch.kron(self.block, self.up2 @ self.down2) * (self.alpha / self.down2.shape[0])
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        tensors = {".lokr_w1": self.block, ".lokr_w2_a": self.up2, ".lokr_w2_b": self.down2}
+        return {k: v.detach().clone() for k, v in tensors.items()} | {".alpha": torch.tensor(self.alpha)}
+
+
+#: The LyCORIS adapter kinds the benchmark trains, by ``kind`` name.
+LYCORIS_KINDS: dict[str, type[LohaLayer] | type[LokrLayer]] = {"loha": LohaLayer, "lokr": LokrLayer}
+
+
+def add_lycoris(model: nn.Module, kind: str, rank: int, seed: int) -> list[str]:
+    """Wrap every adapted layer of ``model`` with a LoHa (``rank`` = r) or LoKr (``rank`` = dim), in place."""
+    cls = LYCORIS_KINDS[kind]
+    return _wrap(model, seed, lambda m, g: cls(m, rank, g))
+
+
+def lycoris_layer(key: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer:
+    """The core's own reading (``build_lycoris``) of one layer's file tensors, as it reads a user's file.
+
+    Raises:
+        ValueError: the core does not read them as a LoHa/LoKr layer (its reason is in the message).
+    """
+    layer = build_lycoris(key, parts)
+    if not isinstance(layer, LycorisLayer):
+        raise ValueError(
+            f"benchmark adapter layer {key}: lorax_core.lycoris.build_lycoris did not read its tensors "
+            f"({', '.join(sorted(parts))}) as a LoHa/LoKr layer: {layer}; the cached adapter is damaged, delete it"
+        )
+    return layer
+
+
+def collect_lycoris(model: nn.Module) -> dict[str, LycorisLayer]:
+    """``{model key: LycorisLayer}`` of every LoHa/LoKr wrapper, read back through the core (keys end in ``.weight``)."""
+    return {
+        f"{name}.weight": lycoris_layer(f"{name}.weight", module.parts())
+        for name, module in model.named_modules()
+        if isinstance(module, _ProductAdapter)
     }
 
 
@@ -223,9 +385,12 @@ def train_adapter(
 ) -> dict[str, LoraFactors] | dict[str, LoraXFactors]:
     """Train one style adapter on a frozen copy of ``base``; returns its layers by model key.
 
-    ``kind`` is ``lora`` (standard LoRA of rank ``rank``) or ``lorax`` (LoRA-X with a diagonal
-    ΔΣ on the top-``rank`` singular bases, :mod:`lorax_core.lorax_module`). The data is the
-    base domain rendered in ``style`` for every class.
+    ``kind`` is ``lora`` (standard LoRA of rank ``rank``), ``lorax`` (LoRA-X with a diagonal
+    ΔΣ on the top-``rank`` singular bases, :mod:`lorax_core.lorax_module`), ``loha`` (LoHa of
+    rank ``rank``, :class:`LohaLayer`) or ``lokr`` (LoKr with a second block of rank ``rank``,
+    :class:`LokrLayer`); LoHa/LoKr layers come back as the core reads their file tensors
+    (:class:`~lorax_core.lycoris.LycorisLayer`). The data is the base domain rendered in
+    ``style`` for every class.
     """
     model = ToyLDM(base.config, base.depths)
     model.load_state_dict(base.state_dict())
@@ -233,6 +398,8 @@ def train_adapter(
         p.requires_grad_(False)
     if kind == "lora":
         add_lora(model, rank, seed)
+    elif kind in LYCORIS_KINDS:
+        add_lycoris(model, kind, rank, seed)
     else:
         add_lorax(model, include=_adapted, rank=rank)
 
@@ -240,7 +407,9 @@ def train_adapter(
         return data.sample_batch(b, "base", style, g)
 
     train_diffusion(model, text, diffusion, batch_fn, steps=steps, batch=batch, lr=lr, seed=seed)
-    return collect_lora(model) if kind == "lora" else collect_lorax(model)
+    if kind == "lora":
+        return collect_lora(model)
+    return collect_lycoris(model) if kind in LYCORIS_KINDS else collect_lorax(model)
 
 
 class Classifier(nn.Module):
