@@ -4,7 +4,7 @@ Everything is generated and trained by this package on the CPU, seeded, with not
 downloaded: procedural 16×16 shape images whose class label is the "prompt", a tiny
 conditional diffusion UNet with Stable Diffusion's layer kinds and parameter names, six
 base models (``source``, ``finetuned``, ``heavy``, ``reparam``, ``shallow``, ``unrelated``),
-style adapters trained on ``source`` (LoRA rank 8/16 and LoRA-X), and the paper's protocol:
+style adapters trained on ``source`` (LoRA rank 8/16, LoRA-X, LoHa and LoKr), and the paper's protocol:
 sample on each target with every transfer method, with the data-free refinement
 (``distill.py`` → ``lorax_core.refine``) and with an adapter retrained there, then score
 style, content, the target's own look and distance to the retrained reference (LoRA-X, arXiv

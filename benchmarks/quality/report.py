@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import data
+from .train import LYCORIS_KINDS
 
 __all__ = ["render_tables", "write_grids", "write_markdown"]
 
@@ -101,6 +102,7 @@ def render_tables(doc: Mapping[str, Any]) -> str:
     lines.extend(_instrument(doc))
     lines.extend(_targets(doc))
     lines.extend(_refine_summary(doc))
+    lines.extend(_lycoris_summary(doc))
     domains = doc.get("domains", {})
     lines.append("### Adapters on their own base (`source`)")
     lines.append("")
@@ -280,6 +282,53 @@ def _refine_summary(doc: Mapping[str, Any]) -> list[str]:
         "",
         "| target | adapter | method | style | ×retrained | content | look | cost (this CPU) |",
         "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _lycoris_summary(doc: Mapping[str, Any]) -> list[str]:
+    """LyCORIS adapters: ``auto`` against ``copy`` per target × style × kind, next to the LoRAs' verdict there.
+
+    The issue's target: a LoHa/LoKr ``auto`` transfer is at least ``copy`` (its 95 % style interval
+    not below copy's, ``▲`` or ``=``) on every target × style where every LoRA adapter's ``auto`` is.
+    """
+    rows: list[str] = []
+    for target, body in doc["targets"].items():
+        entries = body["adapters"].values()
+        for style in dict.fromkeys(e["style"] for e in entries):
+            marks = {e_name.split("/", 1)[1]: _versus(e["methods"]["auto"], e["methods"].get("copy"), "style")
+                     for e_name, e in body["adapters"].items()
+                     if e["style"] == style and "auto" in e["methods"]}  # fmt: skip
+            kinds = {e_name.split("/", 1)[1]: e["kind"] for e_name, e in body["adapters"].items()}
+            loras = {a: marks[a] for a in marks if kinds[a] == "lora"}
+            loras_ok = bool(loras) and all(mark in ("▲", "=") for mark in loras.values())
+            for adapter, mark in marks.items():
+                if kinds[adapter] not in LYCORIS_KINDS:
+                    continue
+                methods = body["adapters"][f"{style}/{adapter}"]["methods"]
+                auto, copy = methods["auto"], methods.get("copy")
+                ok = mark in ("▲", "=")
+                verdict = "met" if ok else "missed" if loras_ok else "– (LoRAs below copy too)"
+                written = ", ".join(f"{k} {v}" for k, v in auto.get("written_as", {}).items()) or (
+                    "refused" if auto.get("refused") else "–")  # fmt: skip
+                rows.append(
+                    f"| {target} | {style} | {adapter} | {_fmt(auto['style'], auto['style_se'])} | "
+                    f"{_fmt(copy['style'], copy['style_se']) if copy else '–'} | {mark or '–'} | {written} | "
+                    f"{' '.join(f'{a} {m}' for a, m in loras.items()) or '–'} | {verdict} |"
+                )
+    if not rows:
+        return []
+    return [
+        "### LyCORIS adapters: auto vs copy",
+        "",
+        "LoHa/LoKr adapters (made as LyCORIS makes them, read by the core's LyCORIS reader): `auto`'s style against "
+        "`copy`'s (▲/▼/=: 95 % intervals), how `auto` wrote the layers, and the LoRA adapters' `auto` vs `copy` on the "
+        "same target and style. Target: `auto` ≥ `copy` (▲ or =) wherever every LoRA's is.",
+        "",
+        "| target | style | adapter | style (auto) | style (copy) | auto vs copy | auto written as | LoRAs auto vs copy "
+        "| target met |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

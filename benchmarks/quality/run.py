@@ -9,11 +9,12 @@ Stages (each logged with its wall time):
    from ``source``), ``unrelated`` (same architecture, another seed); trained models are cached
    under ``OUT/cache`` for the run only (keyed by a hash of the configuration) so an
    interrupted run resumes;
-2. style adapters on ``source`` (LoRA rank 8 and 16, LoRA-X with R = ``lorax_rank``) and the
-   same adapters retrained on every target in :data:`RETRAIN_ON` (same data, steps and seed);
+2. style adapters on ``source`` (LoRA rank 8 and 16, LoRA-X with R = ``lorax_rank``, a LoHa and a
+   LoKr made as LyCORIS makes them and read by the core's LyCORIS reader) and the same adapters
+   retrained on every target in :data:`RETRAIN_ON` (same data, steps and seed);
 3. on every target, one cell per (style, adapter) with samples for ``none``, ``copy``,
    ``project``, ``prolora``, ``exact``, ``lorax`` (LoRA-X adapters), ``auto`` and
-   ``retrained``; on :data:`EXTRAS_ON` also the rank sweep and the candidate per-layer
+   ``retrained`` (LoHa/LoKr: ``none``, ``copy``, ``auto``, ``retrained``); on :data:`EXTRAS_ON` also the rank sweep and the candidate per-layer
    ``auto`` rules built from the per-method results (``rules.py``);
 4. scores (style, content, look, distance), per-layer similarity statistics and sample grids.
 
@@ -30,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
@@ -40,6 +42,7 @@ import torch
 
 from lorax_core.errors import NothingTransferableError
 from lorax_core.linalg import top_subspace
+from lorax_core.lycoris import LycorisLayer
 from lorax_core.refine import RefineOptions
 from lorax_core.transfer import lorax_to_lora, transfer_adapter
 from lorax_core.types import DictWeights, LoraFactors, LoraXFactors, TransferOptions, TransferResult, json_default
@@ -49,7 +52,16 @@ from .distill import DistillConfig, add_refined
 from .evaluate import Sampler, classifier_accuracy, feature_bandwidth, merge, score
 from .model import Diffusion, ModelConfig, TextEncoder, ToyLDM, permute_internal_bases
 from .report import write_grids
-from .train import Classifier, distill, init_from, train_adapter, train_classifier, train_diffusion
+from .train import (
+    LYCORIS_KINDS,
+    Classifier,
+    distill,
+    init_from,
+    lycoris_layer,
+    train_adapter,
+    train_classifier,
+    train_diffusion,
+)
 
 __all__ = ["BenchConfig", "CellScorer", "build_adapters", "build_heavy", "build_reparam", "run"]
 
@@ -91,7 +103,10 @@ ALL_LORAX_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "lo
 
 
 #: Bumped when the code that builds the world (models, adapters, classifier) changes, so a stale cache is not reused.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
+#: Learning rates of the LoHa and LoKr adapters (Adam, the LoRAs' steps and schedule), from a check of
+#: their style score on ``source`` at several rates (QUALITY.md, "Adapters").
+LOHA_LR, LOKR_LR = 1e-2, 1e-2
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,11 @@ class BenchConfig:
     lorax_lr: float = 3e-2
     lora_ranks: tuple[int, ...] = (8, 16)
     lorax_rank: int = 16
+    #: LoHa rank r and LoKr second-block rank dim (see :func:`_adapters` for why these) and their rates
+    loha_rank: int = 4
+    lokr_dim: int = 2
+    loha_lr: float = LOHA_LR
+    lokr_lr: float = LOKR_LR
     transfer_rank: int = 16
     #: extra transfer ranks R tried with ``project`` and ``exact`` on the first LoRA adapter
     #: (R = 32 covers every 32-wide layer completely, so there the projection is the identity)
@@ -176,15 +196,24 @@ class BenchConfig:
         world = ("model", "shallow_depths", "base_steps", "base_round", "unrelated_steps", "finetune_steps",
                  "finetune_lr", "heavy_steps", "heavy_lr", "reparam_steps", "reparam_lr", "distill_steps", "batch",
                  "base_lr", "adapter_steps", "adapter_batch", "lora_lr", "lorax_lr", "lora_ranks", "lorax_rank",
-                 "styles", "classifier_steps", "seed", "quick")  # fmt: skip
+                 "loha_rank", "lokr_dim", "loha_lr", "lokr_lr", "styles", "classifier_steps", "seed", "quick")  # fmt: skip
         settings = {k: v for k, v in asdict(self).items() if k in world} | {"world_version": WORLD_VERSION}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _adapters(cfg: BenchConfig) -> list[tuple[str, str, int]]:
-    """``(name, kind, rank)`` of the adapter kinds: ``lora_r8``, ``lora_r16``, ``lorax_R16``."""
+    """``(name, kind, rank)`` of the adapter kinds: ``lora_r8``, ``lora_r16``, ``lorax_R16``, ``loha_r4``, ``lokr``.
+
+    The LyCORIS ranks give updates of a LoRA's rank (their layers: ``train.LohaLayer``,
+    ``train.LokrLayer``): a rank-4 LoHa has ΔW rank ≤ 4² = 16, as ``lora_r16``; a LoKr with its
+    second block of rank dim = 2 has ΔW rank ≤ min(a, c)·2 with ``(a, c)`` its first block (4×4 …
+    16×8 here), i.e. 8 on the 32-wide and 16 on the 64-wide layers, between ``lora_r8`` and
+    ``lora_r16`` — and dim = 2 is below half of every second block's sides, so LyCORIS too would
+    factor ``lokr_w2`` rather than store it full.
+    """
     kinds = [(f"lora_r{r}", "lora", r) for r in cfg.lora_ranks]
-    return [*kinds, (f"lorax_R{cfg.lorax_rank}", "lorax", cfg.lorax_rank)]
+    return [*kinds, (f"lorax_R{cfg.lorax_rank}", "lorax", cfg.lorax_rank),
+            (f"loha_r{cfg.loha_rank}", "loha", cfg.loha_rank), ("lokr", "lokr", cfg.lokr_dim)]  # fmt: skip
 
 
 class _Stage:
@@ -316,9 +345,12 @@ Layers = Mapping[str, LoraFactors] | Mapping[str, LoraXFactors]
 
 
 def _adapter_state(layers: Layers) -> dict[str, torch.Tensor]:
+    """An adapter as a flat tensor dict for the cache: ``key::part``; LoHa/LoKr as their file tensors (``key::.hada_w1_a``)."""
     out: dict[str, torch.Tensor] = {}
     for key, f in layers.items():
-        if isinstance(f, LoraXFactors):
+        if isinstance(f, LycorisLayer):
+            out.update({f"{key}::{suffix}": tensor for suffix, tensor in f.parts.items()})
+        elif isinstance(f, LoraXFactors):
             out[f"{key}::core"] = f.core
             out[f"{key}::shape"] = torch.tensor(f.shape)
         else:
@@ -328,7 +360,14 @@ def _adapter_state(layers: Layers) -> dict[str, torch.Tensor]:
 
 
 def _adapter_layers(state: Mapping[str, torch.Tensor]) -> dict[str, LoraFactors] | dict[str, LoraXFactors]:
+    """:func:`_adapter_state` read back; LoHa/LoKr layers through the core's reader (``build_lycoris``)."""
     keys = sorted({k.split("::")[0] for k in state})
+    if any("::." in k for k in state):
+        parts: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
+        for name, tensor in state.items():
+            key, suffix = name.split("::")
+            parts[key][suffix] = tensor
+        return {k: lycoris_layer(k, parts[k]) for k in keys}
     if any(f"{k}::core" in state for k in keys):
         return {k: LoraXFactors(core=state[f"{k}::core"], shape=tuple(state[f"{k}::shape"].tolist())) for k in keys}
     result: dict[str, LoraFactors] = {}
@@ -339,7 +378,7 @@ def _adapter_layers(state: Mapping[str, torch.Tensor]) -> dict[str, LoraFactors]
 
 
 def _on_base(layers: Layers, base: ToyLDM) -> dict[str, LoraFactors]:
-    """An adapter as plain factors on the base it was trained on (LoRA-X: ``U core Vᵀ``)."""
+    """An adapter as plain factors on the base it was trained on (LoRA-X: ``U core Vᵀ``; LoHa/LoKr as read)."""
     state = base.state_dict()
     out: dict[str, LoraFactors] = {}
     for key, f in layers.items():
@@ -414,11 +453,16 @@ class CellScorer:
         return self.add_images(method, images, info)
 
     def add_transfer(self, method: str, result: TransferResult | None) -> dict[str, object]:
-        """:meth:`add` for a ``transfer_adapter`` result (``None``: refused), with its layer counts."""
+        """:meth:`add` for a ``transfer_adapter`` result (``None``: refused), with its layer counts
+        (and, for LoHa/LoKr layers, ``written_as``: how many were written in their own type or as a LoRA)."""
         if result is None:
             return self.add(method, None)
         totals = result.report.totals()
-        info = {"refused": False, "layers_transferred": totals["transferred"], "layers_skipped": totals["skipped"]}
+        info: dict[str, object] = {"refused": False, "layers_transferred": totals["transferred"],
+                                   "layers_skipped": totals["skipped"]}  # fmt: skip
+        written = Counter(r.written_as for r in result.report.transferred if r.written_as is not None)
+        if written:  # LyCORIS layers: how many were written in their own type, how many as a LoRA
+            info["written_as"] = dict(sorted(written.items()))
         return self.add(method, result.layers, info)
 
 
@@ -446,7 +490,9 @@ def _evaluate_cell(
 ) -> tuple[CellScorer, dict[str, TransferResult | None]]:
     """Every method of one (target, style, adapter) cell; returns the scored cell and the transfers.
 
-    A further method (say, one that refines a transferred adapter) is one more
+    LoHa/LoKr cells score ``none``, ``copy``, ``auto`` and ``retrained`` only (also with
+    ``all_methods``) and are not refined: they test that the core's LyCORIS path transfers a
+    user's file at least as well as loading it does. A further method (say, one that refines a transferred adapter) is one more
     ``cell.add(method_name, layers_or_None)`` here.
     """
     cfg = world.cfg
@@ -463,7 +509,9 @@ def _evaluate_cell(
     if reference is not None:
         cell.add_images("retrained", reference)
     transfers: dict[str, TransferResult | None] = {}
-    if cfg.all_methods:
+    if kind in LYCORIS_KINDS:
+        methods = LORA_METHODS
+    elif cfg.all_methods:
         methods = ALL_LORAX_METHODS if kind == "lorax" else ALL_LORA_METHODS
     else:
         methods = LORAX_METHODS if kind == "lorax" else LORA_METHODS
@@ -481,7 +529,8 @@ def _evaluate_cell(
                 cell.add_transfer(rule_name, rules.compose(rule, transfers, layers))
     auto = transfers["auto"]
     first = name == _adapters(cfg)[0][0]
-    if target_name in REFINE_ON and auto is not None and (first or target_name in REFINE_EVERY_ADAPTER_ON):
+    refined = kind not in LYCORIS_KINDS and (first or target_name in REFINE_EVERY_ADAPTER_ON)
+    if target_name in REFINE_ON and auto is not None and refined:
         runs = {"default": cfg.refine_default}
         if name == _adapters(cfg)[0][0] and target_name in VARIANTS_ON:
             runs.update(cfg.refine_variants)
@@ -552,7 +601,7 @@ def build_adapters(
         for si, style in enumerate(cfg.styles):
             for ai, (name, kind, rank) in enumerate(_adapters(cfg)):
                 seed = cfg.seed + 10 + 10 * si + ai
-                lr = cfg.lora_lr if kind == "lora" else cfg.lorax_lr
+                lr = {"lora": cfg.lora_lr, "lorax": cfg.lorax_lr, "loha": cfg.loha_lr, "lokr": cfg.lokr_lr}[kind]
 
                 def build(b: str = base_name, k: str = kind, r: int = rank, s: str = style, sd: int = seed,
                           lr_: float = lr) -> dict[str, torch.Tensor]:  # fmt: skip

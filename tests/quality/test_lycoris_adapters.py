@@ -17,6 +17,7 @@ from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
 from torch import nn
 
+from benchmarks.quality.run import _adapter_layers, _adapter_state, _on_base
 from benchmarks.quality.train import (
     LohaLayer,
     LokrLayer,
@@ -136,3 +137,21 @@ def test_collect_reads_every_wrapped_layer() -> None:
     assert set(layers) == {"block.to_q.weight", "block.in_layers.2.weight"}
     assert all(isinstance(f, LycorisLayer) and f.kind == "lokr" for f in layers.values())
     assert isinstance(model.block.norm, nn.Linear)
+
+
+@pytest.mark.parametrize("kind", list(WRAPPERS))
+def test_adapter_cache_restores_the_layers_through_the_reader(kind: str) -> None:
+    layers = {"a.to_q.weight": lycoris_layer("a.to_q.weight", _trained(kind, "linear_tall").parts()),
+              "a.in_layers.2.weight": lycoris_layer("a.in_layers.2.weight", _trained(kind, "conv3x3").parts())}  # fmt: skip
+    state = _adapter_state(layers)
+    assert all("::." in k for k in state)  # stored as the file's tensors, by suffix
+    restored = _adapter_layers(state)
+    assert restored.keys() == layers.keys()
+    for key, layer in layers.items():
+        back = restored[key]
+        assert isinstance(back, LycorisLayer) and back.kind == kind
+        assert back.parts.keys() == layer.parts.keys()
+        assert all(torch.equal(back.parts[s], t) for s, t in layer.parts.items())
+        assert back.alpha == layer.alpha and torch.equal(back.up, layer.up) and torch.equal(back.down, layer.down)
+    on_base = _on_base(restored, nn.Module())  # type: ignore[arg-type] # reads only its state_dict
+    assert all(on_base[k] is restored[k] for k in restored)  # passed through as read

@@ -18,6 +18,7 @@ from benchmarks.quality.run import (
     ALL_LORA_METHODS,
     ALL_LORAX_METHODS,
     EXTRAS_ON,
+    LORA_METHODS,
     REFINE_EVERY_ADAPTER_ON,
     REFINE_ON,
     RETRAIN_ON,
@@ -26,6 +27,7 @@ from benchmarks.quality.run import (
     VARIANTS_ON,
     BenchConfig,
 )
+from benchmarks.quality.train import LYCORIS_KINDS
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +56,12 @@ def test_document_structure(quick_run: tuple[Path, dict]) -> None:
         assert body["domain"] == TARGET_DOMAIN[target] == doc["domains"][target]
         for name, entry in body["adapters"].items():
             methods = entry["methods"]
-            # --quick runs every method (all_methods)
-            expected = set(ALL_LORAX_METHODS if entry["kind"] == "lorax" else ALL_LORA_METHODS) | {"none"}
+            # --quick runs every method (all_methods); LoHa/LoKr cells only copy and auto
+            if entry["kind"] in LYCORIS_KINDS:
+                expected = {*LORA_METHODS, "none"}
+                assert not {"project", "prolora", "exact"} & set(methods), (target, name)
+            else:
+                expected = set(ALL_LORAX_METHODS if entry["kind"] == "lorax" else ALL_LORA_METHODS) | {"none"}
             if target in RETRAIN_ON:
                 expected.add("retrained")
             assert expected <= set(methods), (target, name, expected - set(methods))
@@ -90,8 +96,10 @@ def test_unrelated_target_is_refused_by_default_threshold(quick_run: tuple[Path,
     _, doc = quick_run
     for name, entry in doc["targets"]["unrelated"]["adapters"].items():
         for method in ("project", "prolora", "exact", "auto"):
-            assert entry["methods"][method]["refused"] is True, (name, method)
-        if entry["kind"] == "lora":
+            if method in entry["methods"]:
+                assert entry["methods"][method]["refused"] is True, (name, method)
+        assert entry["methods"]["auto"]["refused"] is True, name
+        if entry["kind"] in ("lora", *LYCORIS_KINDS):
             assert entry["methods"]["copy"]["refused"] is False  # copy never checks similarity
 
 
@@ -133,6 +141,8 @@ def test_refused_methods_sample_the_bare_target(quick_run: tuple[Path, dict]) ->
     for entry in doc["targets"]["unrelated"]["adapters"].values():
         none = entry["methods"]["none"]
         for method in ("exact", "auto"):
+            if method not in entry["methods"]:  # LoHa/LoKr cells score copy and auto only
+                continue
             m = entry["methods"][method]
             assert m["refused"] is True
             assert (m["style"], m["content"], m["look"]) == (none["style"], none["content"], none["look"])
@@ -156,7 +166,8 @@ def test_refine_rows_on_their_targets_only(quick_run: tuple[Path, dict]) -> None
             refined = {m for m in entry["methods"] if m.startswith("refine:")}
             is_first = name.split("/")[1] == first
             expected = set()
-            if target in REFINE_ON and (is_first or target in REFINE_EVERY_ADAPTER_ON):
+            refinable = entry["kind"] not in LYCORIS_KINDS  # LoHa/LoKr cells are not refined
+            if target in REFINE_ON and refinable and (is_first or target in REFINE_EVERY_ADAPTER_ON):
                 # the defaults; comparisons on the first LoRA adapter of VARIANTS_ON
                 expected = {"refine:default"} | (variants if is_first and target in VARIANTS_ON else set())
             assert refined == expected, (target, name, refined)
@@ -178,3 +189,26 @@ def test_identical_layers_reuse_their_samples(quick_run: tuple[Path, dict]) -> N
                 if "same_as" in m:
                     twin = entry["methods"][m["same_as"]]
                     assert (m["style"], m["content"], m["look"]) == (twin["style"], twin["content"], twin["look"])
+
+
+def test_lycoris_adapters_are_scored_and_written(quick_run: tuple[Path, dict]) -> None:
+    out, doc = quick_run
+    names = {name.split("/")[1] for name in doc["source_reference"]}
+    assert {"loha_r4", "lokr"} <= names
+    for target, body in doc["targets"].items():
+        kinds = {entry["kind"] for entry in body["adapters"].values()}
+        assert set(LYCORIS_KINDS) <= kinds, target
+        for name, entry in body["adapters"].items():
+            if entry["kind"] not in LYCORIS_KINDS:
+                continue
+            copy = entry["methods"]["copy"]
+            # copy moves every layer unchanged: written in its own type (LyCORIS tensors), never as a LoRA
+            assert copy["written_as"] == {entry["kind"]: copy["layers_transferred"]}, (target, name)
+            auto = entry["methods"]["auto"]
+            if not auto["refused"]:
+                assert sum(auto["written_as"].values()) == auto["layers_transferred"] > 0, (target, name)
+                assert set(auto["written_as"]) <= {entry["kind"], "lora"}, (target, name)
+    text = (out / "QUALITY.md").read_text()
+    assert "### LyCORIS adapters: auto vs copy" in text
+    for target in TARGETS:
+        assert f"| {target} | palette | loha_r4 |" in text and f"| {target} | palette | lokr |" in text
