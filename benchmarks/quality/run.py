@@ -106,7 +106,7 @@ ALL_LORAX_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "lo
 WORLD_VERSION = 3
 #: Learning rates of the LoHa and LoKr adapters (Adam, the LoRAs' steps and schedule), from a check of
 #: their style score on ``source`` at several rates (QUALITY.md, "Adapters").
-LOHA_LR, LOKR_LR = 1e-2, 1e-2
+LOHA_LR, LOKR_LR = 2e-2, 3e-2
 
 
 @dataclass(frozen=True)
