@@ -104,9 +104,6 @@ ALL_LORAX_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "lo
 
 #: Bumped when the code that builds the world (models, adapters, classifier) changes, so a stale cache is not reused.
 WORLD_VERSION = 3
-#: Learning rates of the LoHa and LoKr adapters (Adam, the LoRAs' steps and schedule), from a check of
-#: their style score on ``source`` at several rates (QUALITY.md, "Adapters").
-LOHA_LR, LOKR_LR = 2e-2, 3e-2
 
 
 @dataclass(frozen=True)
@@ -144,11 +141,13 @@ class BenchConfig:
     lorax_lr: float = 3e-2
     lora_ranks: tuple[int, ...] = (8, 16)
     lorax_rank: int = 16
-    #: LoHa rank r and LoKr second-block rank dim (see :func:`_adapters` for why these) and their rates
+    #: LoHa rank r and LoKr second-block rank dim (why these: :func:`_adapters`)
     loha_rank: int = 4
     lokr_dim: int = 2
-    loha_lr: float = LOHA_LR
-    lokr_lr: float = LOKR_LR
+    #: LoHa/LoKr rates (Adam, the LoRAs' steps and schedule): from a check at several rates, where their
+    #: style on ``source`` was level with the rank-8 LoRA's within the check's interval (QUALITY.md, "Adapters")
+    loha_lr: float = 2e-2
+    lokr_lr: float = 3e-2
     transfer_rank: int = 16
     #: extra transfer ranks R tried with ``project`` and ``exact`` on the first LoRA adapter
     #: (R = 32 covers every 32-wide layer completely, so there the projection is the identity)
