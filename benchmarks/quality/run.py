@@ -14,8 +14,9 @@ Stages (each logged with its wall time):
    retrained on every target in :data:`RETRAIN_ON` (same data, steps and seed);
 3. on every target, one cell per (style, adapter) with samples for ``none``, ``copy``,
    ``project``, ``prolora``, ``exact``, ``lorax`` (LoRA-X adapters), ``auto`` and
-   ``retrained`` (LoHa/LoKr: ``none``, ``copy``, ``auto``, ``retrained``); on :data:`EXTRAS_ON` also the rank sweep and the candidate per-layer
-   ``auto`` rules built from the per-method results (``rules.py``);
+   ``retrained`` (LoHa/LoKr: ``none``, ``copy``, ``auto``, ``retrained``); on :data:`EXTRAS_ON`
+   also the rank sweep and the candidate per-layer ``auto`` rules built from the per-method
+   results (``rules.py``);
 4. scores (style, content, look, distance), per-layer similarity statistics and sample grids.
 
 A cell is a :class:`CellScorer`: one call to :meth:`CellScorer.add` samples and scores any
@@ -195,7 +196,8 @@ class BenchConfig:
         world = ("model", "shallow_depths", "base_steps", "base_round", "unrelated_steps", "finetune_steps",
                  "finetune_lr", "heavy_steps", "heavy_lr", "reparam_steps", "reparam_lr", "distill_steps", "batch",
                  "base_lr", "adapter_steps", "adapter_batch", "lora_lr", "lorax_lr", "lora_ranks", "lorax_rank",
-                 "loha_rank", "lokr_dim", "loha_lr", "lokr_lr", "styles", "classifier_steps", "seed", "quick")  # fmt: skip
+                 "loha_rank", "lokr_dim", "loha_lr", "lokr_lr", "styles", "classifier_steps", "seed",
+                 "quick")  # fmt: skip
         settings = {k: v for k, v in asdict(self).items() if k in world} | {"world_version": WORLD_VERSION}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -344,7 +346,7 @@ Layers = Mapping[str, LoraFactors] | Mapping[str, LoraXFactors]
 
 
 def _adapter_state(layers: Layers) -> dict[str, torch.Tensor]:
-    """An adapter as a flat tensor dict for the cache: ``key::part``; LoHa/LoKr as their file tensors (``key::.hada_w1_a``)."""
+    """An adapter as a flat tensor dict for the cache, ``key::part`` (LoHa/LoKr: its file tensors, ``key::.lokr_w1``)."""
     out: dict[str, torch.Tensor] = {}
     for key, f in layers.items():
         if isinstance(f, LycorisLayer):
@@ -491,8 +493,8 @@ def _evaluate_cell(
 
     LoHa/LoKr cells score ``none``, ``copy``, ``auto`` and ``retrained`` only (also with
     ``all_methods``) and are not refined: they test that the core's LyCORIS path transfers a
-    user's file at least as well as loading it does. A further method (say, one that refines a transferred adapter) is one more
-    ``cell.add(method_name, layers_or_None)`` here.
+    user's file at least as well as loading it does. A further method (say, one that refines a
+    transferred adapter) is one more ``cell.add(method_name, layers_or_None)`` here.
     """
     cfg = world.cfg
     source, target = world.bases["source"], world.bases[target_name]

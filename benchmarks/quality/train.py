@@ -362,7 +362,7 @@ def lycoris_layer(key: str, parts: Mapping[str, torch.Tensor]) -> LycorisLayer:
 
 
 def collect_lycoris(model: nn.Module) -> dict[str, LycorisLayer]:
-    """``{model key: LycorisLayer}`` of every LoHa/LoKr wrapper, read back through the core (keys end in ``.weight``)."""
+    """``{model key: LycorisLayer}`` of every LoHa/LoKr wrapper, as the core reads it (keys end in ``.weight``)."""
     return {
         f"{name}.weight": lycoris_layer(f"{name}.weight", module.parts())
         for name, module in model.named_modules()

@@ -141,8 +141,8 @@ def test_collect_reads_every_wrapped_layer() -> None:
 
 @pytest.mark.parametrize("kind", list(WRAPPERS))
 def test_adapter_cache_restores_the_layers_through_the_reader(kind: str) -> None:
-    layers = {"a.to_q.weight": lycoris_layer("a.to_q.weight", _trained(kind, "linear_tall").parts()),
-              "a.in_layers.2.weight": lycoris_layer("a.in_layers.2.weight", _trained(kind, "conv3x3").parts())}  # fmt: skip
+    shapes = {"a.to_q.weight": "linear_tall", "a.in_layers.2.weight": "conv3x3"}
+    layers = {key: lycoris_layer(key, _trained(kind, layer).parts()) for key, layer in shapes.items()}
     state = _adapter_state(layers)
     assert all("::." in k for k in state)  # stored as the file's tensors, by suffix
     restored = _adapter_layers(state)
