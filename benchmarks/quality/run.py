@@ -346,7 +346,7 @@ Layers = Mapping[str, LoraFactors] | Mapping[str, LoraXFactors]
 
 
 def _adapter_state(layers: Layers) -> dict[str, torch.Tensor]:
-    """An adapter as a flat tensor dict for the cache, ``key::part`` (LoHa/LoKr: its file tensors, ``key::.lokr_w1``)."""
+    """An adapter as a flat tensor dict for the cache: ``key::part`` (LoHa/LoKr: its file tensors by suffix)."""
     out: dict[str, torch.Tensor] = {}
     for key, f in layers.items():
         if isinstance(f, LycorisLayer):
