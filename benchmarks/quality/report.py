@@ -326,8 +326,8 @@ def _lycoris_summary(doc: Mapping[str, Any]) -> list[str]:
         "`copy`'s (▲/▼/=: 95 % intervals), how `auto` wrote the layers, and the LoRA adapters' `auto` vs `copy` on the "
         "same target and style. Target: `auto` ≥ `copy` (▲ or =) wherever every LoRA's is.",
         "",
-        "| target | style | adapter | style (auto) | style (copy) | auto vs copy | auto written as | LoRAs auto vs copy "
-        "| target met |",
+        "| target | style | adapter | style (auto) | style (copy) | auto vs copy | auto written as "
+        "| LoRAs auto vs copy | target met |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",

@@ -40,9 +40,12 @@ def test_rows_say_auto_vs_copy_and_the_verdict() -> None:
     assert lines[0] == "### LyCORIS adapters: auto vs copy"
     rows = [line for line in lines if line.startswith("| finetuned") or line.startswith("| unrelated")]
     assert rows == [
-        "| finetuned | palette | loha_r4 | 0.80 ± 0.02 | 0.50 ± 0.02 | ▲ | loha 24, lora 80 | lora_r8 = lora_r16 ▲ | met |",
-        "| finetuned | palette | lokr | 0.20 ± 0.02 | 0.50 ± 0.02 | ▼ | lokr 24, lora 80 | lora_r8 = lora_r16 ▲ | missed |",
-        "| unrelated | palette | loha_r4 | 0.05 ± 0.02 | 0.50 ± 0.02 | ▼ | refused | lora_r8 ▼ | – (LoRAs below copy too) |",
+        "| finetuned | palette | loha_r4 | 0.80 ± 0.02 | 0.50 ± 0.02 | ▲ | loha 24, lora 80 "
+        "| lora_r8 = lora_r16 ▲ | met |",
+        "| finetuned | palette | lokr | 0.20 ± 0.02 | 0.50 ± 0.02 | ▼ | lokr 24, lora 80 "
+        "| lora_r8 = lora_r16 ▲ | missed |",
+        "| unrelated | palette | loha_r4 | 0.05 ± 0.02 | 0.50 ± 0.02 | ▼ | refused | lora_r8 ▼ "
+        "| – (LoRAs below copy too) |",
     ]
 
 
