@@ -117,18 +117,19 @@ class BenchConfig:
     jobs: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     shallow_depths: tuple[int, int, int, int, int] = (1, 1, 1, 1, 1)
-    #: ``source`` from scratch: rounds of ``base_round`` steps (warm restarts); after one round its
-    #: samples drew the prompt's shape about half the time, after two 0.88 (guidance 2) / 0.94 (guidance 3)
-    base_steps: int = 1000
+    #: ``source`` from scratch: rounds of ``base_round`` steps (warm restarts). Its samples' class
+    #: accuracy in a tuning run: 0.80 after 1000 steps (squares drawn as circles), 0.88 after 1500,
+    #: 0.97 after 2000, 1.00 after 2500
+    base_steps: int = 2500
     base_round: int = 500
     unrelated_steps: int = 250
-    finetune_steps: int = 360
-    finetune_lr: float = 5e-4
-    #: ``finetuned``: 360 steps (120 left it between its two looks, drawing its prompt's shape half the time)
-    #: ``heavy``: shifted data only, 3× the steps and 2× the rate of ``finetuned``; in a tuning run
-    #: copy kept ≤ 0.08× of the retrained style from 120 steps at half this rate on
-    heavy_steps: int = 360
-    heavy_lr: float = 1e-3
+    #: ``finetuned``: the mixed data learns the new look fast and the shapes in it slowly; class
+    #: accuracy in a tuning run: 0.61 after 360 steps at 5e-4, 0.83 after 1000 at 5e-4, 0.90 after 1000 at 1e-3
+    finetune_steps: int = 1500
+    finetune_lr: float = 1e-3
+    #: ``heavy``: shifted data only at 2× the rate of ``finetuned`` (tuning run: 0.90 after 500 steps, 0.98 after 1000)
+    heavy_steps: int = 1000
+    heavy_lr: float = 2e-3
     #: ``reparam``: steps on the base domain after the permutation, at ``reparam_lr`` (at
     #: ``finetune_lr`` the restart shook the source's content from 0.94 to 0.84 class accuracy)
     reparam_steps: int = 40
@@ -157,10 +158,10 @@ class BenchConfig:
     styles: tuple[str, ...] = ("palette", "stripes")
     #: 800 steps left the content head at 0.63–0.86 clean accuracy; 3000 reach 1.0 on every domain × style
     classifier_steps: int = 3000
-    #: evaluation images per method: ``seeds`` × ``per_seed`` (the standard error of a cell's mean
-    #: shrinks as 1/√(seeds · per_seed): 128 images keep it ≤ 0.02 only for rates below 0.05 or above
-    #: 0.95, 256 for rates below 0.13 or above 0.87; 128 is what the CPU budget allowed, see QUALITY.md)
-    seeds: int = 4
+    #: evaluation images per method: ``seeds`` × ``per_seed``. The standard error of a rate p over n
+    #: images is √(p(1−p)/n): 512 images keep it ≤ 0.022 for every p (≤ 0.02 outside 0.28–0.72), and
+    #: sampling 512 images takes ~10 s on one core, so the refinements, not the samples, set the run time
+    seeds: int = 16
     per_seed: int = 32
     ddim_steps: int = 10
     #: classifier-free guidance of the evaluation samples and of the refinement's generations
@@ -272,10 +273,15 @@ def _continued(
     lr: float,
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """``start``'s weights trained further on ``batch_fn`` (a fine-tune); ``start`` is left unchanged."""
+    """``start``'s weights trained further on ``batch_fn`` (a fine-tune); ``start`` is left unchanged.
+
+    Like ``source``, in cosine rounds of ``base_round`` steps with warm restarts (round r seeded ``seed + 10 r``).
+    """
     m = ToyLDM(start.config, start.depths)
     m.load_state_dict(start.state_dict())
-    train_diffusion(m, text, diffusion, batch_fn, steps=steps, batch=cfg.batch, lr=lr, seed=seed)
+    for r, first in enumerate(range(0, steps, cfg.base_round)):
+        train_diffusion(m, text, diffusion, batch_fn, steps=min(cfg.base_round, steps - first), batch=cfg.batch,
+                        lr=lr, seed=seed + 10 * r)  # fmt: skip
     return m.state_dict()
 
 
@@ -645,11 +651,14 @@ def run(
         bandwidth = feature_bandwidth(classifier)
         clean_accuracy = classifier_accuracy(classifier)
         log.info("classifier accuracy on clean renders: %s", clean_accuracy)
+    # With worker processes, this process builds only what every target shares (the source and
+    # its adapters); each worker builds its own target and the adapters retrained there, in parallel.
+    own_targets = cfg.targets if cfg.jobs == 1 else ()
     with _Stage(timings, "base_models"):
-        bases = _build_bases(cfg, text, diffusion, cache)
+        bases = _build_bases(replace(cfg, targets=own_targets), text, diffusion, cache)
 
     with _Stage(timings, "adapters"):
-        adapters = build_adapters(cfg, bases, text, diffusion, cache, ("source", *(t for t in cfg.targets
+        adapters = build_adapters(cfg, bases, text, diffusion, cache, ("source", *(t for t in own_targets
                                                                                 if t in RETRAIN_ON)), progress)  # fmt: skip
 
     sampler = Sampler(text, diffusion, cfg.seeds, cfg.per_seed, cfg.ddim_steps, cfg.guidance)
