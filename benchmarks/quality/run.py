@@ -104,7 +104,7 @@ ALL_LORAX_METHODS: tuple[str, ...] = ("copy", "project", "prolora", "exact", "lo
 
 
 #: Bumped when the code that builds the world (models, adapters, classifier) changes, so a stale cache is not reused.
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 
 @dataclass(frozen=True)
