@@ -1,0 +1,31 @@
+"""The generated instrument table says whether each bare related base model draws its content (≥ 0.9)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.quality.report import _instrument
+
+
+def _none(content: float, se: float = 0.01) -> dict[str, Any]:
+    return {"content": content, "content_se": se, "look": 1.0, "look_se": 0.0, "style": 0.0, "style_se": 0.0}
+
+
+def _doc() -> dict[str, Any]:
+    cell = lambda c: {"adapters": {"palette/lora_r8": {"methods": {"none": _none(c)}}}}  # noqa: E731
+    return {
+        "classifier_clean_accuracy": {f"base/plain/{k}": 1.0 for k in ("content", "style", "domain")},
+        "source_reference": {"palette/lora_r8": {"none": _none(0.97)}},
+        "targets": {"finetuned": cell(0.93), "heavy": cell(0.85), "unrelated": cell(0.30)},
+    }
+
+
+def test_bare_models_get_a_verdict_and_the_control_none() -> None:
+    rows = [line for line in _instrument(_doc()) if line.startswith("| source") or line.startswith("| finetuned")
+            or line.startswith("| heavy") or line.startswith("| unrelated")]  # fmt: skip
+    assert rows == [
+        "| source | 0.97 ± 0.02 | 1.00 ± 0.00 | met |",
+        "| finetuned | 0.93 ± 0.02 | 1.00 ± 0.00 | met |",
+        "| heavy | 0.85 ± 0.02 | 1.00 ± 0.00 | missed (-0.05) |",
+        "| unrelated | 0.30 ± 0.02 | 1.00 ± 0.00 | — (control) |",
+    ]
