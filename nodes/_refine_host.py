@@ -5,8 +5,9 @@ ComfyUI's own machinery (reused, not rewritten):
 
 * the teacher is the source ``MODEL`` + the source LoRA, patched by ComfyUI's loader
   (``_host.apply_lora``: ``comfy.lora.load_lora`` → ``clone()`` + ``add_patches``);
-* the generations come from ``comfy.sample.sample`` (the KSampler path), half from the teacher
-  and half from the target + the transferred LoRA;
+* the generations come from ``comfy.sample.sample`` (the KSampler path), from the teacher and
+  the target + the transferred LoRA as ``lorax_core.refine.generation_split`` shares them out
+  (at the defaults, all from the teacher);
 * every prediction runs inside ComfyUI's guider (``Guider_Basic.sample``) through a
   ``comfy.samplers.Sampler`` whose ``sample`` runs our loop instead of sampling — the pattern of
   ``comfy_extras.nodes_train.TrainSampler``. The guider loads the model onto the GPU, encodes the
@@ -24,7 +25,6 @@ weight the timesteps very unevenly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +44,7 @@ from ..lorax_core.errors import FormatError, IncompatibleBaseError, NothingTrans
 from ..lorax_core.formats.base import pair_tensors
 from ..lorax_core.formats.io import load_tensors
 from ..lorax_core.formats.keys import COMFY_STYLE
-from ..lorax_core.refine import RefineOptions, RefineResult, Scope, Teachers, distil, factors_like
+from ..lorax_core.refine import RefineOptions, RefineResult, Scope, Teachers, distil, factors_like, generation_split
 from ..lorax_core.types import LoraFactors
 from . import _host
 from ._training import Conditioning, copy_other_weights, fit_latent, trainable
@@ -321,18 +321,19 @@ def model_noiser(model: Any) -> Callable[[torch.Tensor, torch.Generator], tuple[
     return noiser
 
 
-def generate(setup: RefineSetup, steps: int, cfg: float, seed: int,
+def generate(setup: RefineSetup, split: tuple[int, int], steps: int, cfg: float, seed: int,
              progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
     """The models' own samples: ``(latents (B, C, …) in the model's latent space, prompt index (B,))``.
 
-    The first half of the batch comes from the teacher, the rest from the target with the
-    transferred LoRA; each half cycles through the prompts.
+    The first ``split[0]`` of the batch come from the teacher, the other ``split[1]`` from the
+    target with the transferred LoRA (:func:`lorax_core.refine.generation_split`); each part
+    cycles through the prompts.
     """
     batch = setup.latent.shape[0]
     noise = comfy.sample.prepare_noise(setup.latent, seed)
     out = torch.empty(setup.latent.shape, dtype=torch.float32)
     prompt_of = torch.empty(batch, dtype=torch.int64)
-    first = math.ceil(batch / 2)
+    first = split[0]
     for model, part in ((setup.teacher, range(first)), (setup.start, range(first, batch))):
         for prompt in range(setup.prompts):
             index = torch.tensor([i for j, i in enumerate(part) if j % setup.prompts == prompt], dtype=torch.int64)
@@ -347,11 +348,9 @@ def generate(setup: RefineSetup, steps: int, cfg: float, seed: int,
     return out, prompt_of
 
 
-def generation_calls(setup: RefineSetup) -> int:
+def generation_calls(setup: RefineSetup, split: tuple[int, int]) -> int:
     """How many ``comfy.sample.sample`` calls :func:`generate` makes (for the progress total)."""
-    batch = setup.latent.shape[0]
-    first = math.ceil(batch / 2)
-    return min(setup.prompts, first) + min(setup.prompts, batch - first)
+    return sum(min(setup.prompts, count) for count in split)
 
 
 def _student(target: Any, layers: Mapping[str, LoraFactors]) -> tuple[Any, dict[str, LoraDiff]]:
@@ -380,9 +379,10 @@ def run(setup: RefineSetup, options: RefineOptions, sample_steps: int, cfg: floa
     offloads the others when VRAM is short), which is what is meant to make SDXL fit 12–16 GB
     (not measured yet). Training then frees the GPU of every other model.
     """
-    calls = generation_calls(setup)
+    split = generation_split(setup.latent.shape[0], options)
+    calls = generation_calls(setup, split)
     progress = Progress(calls * sample_steps)
-    latents, prompt_of = generate(setup, sample_steps, cfg, options.seed, progress)
+    latents, prompt_of = generate(setup, split, sample_steps, cfg, options.seed, progress)
     clean = setup.target.model.process_latent_in(latents)
     shape = (min(options.batch, options.probes), *clean.shape[1:])
     with torch.inference_mode(False):
@@ -403,8 +403,7 @@ def run(setup: RefineSetup, options: RefineOptions, sample_steps: int, cfg: floa
                     check=comfy.model_management.throw_exception_if_processing_interrupted)  # fmt: skip
     refined = {key: factors_like(setup.layers[key], a.lora_up.weight, a.lora_down.weight)
                for key, a in adapters.items()}
-    first = math.ceil(setup.latent.shape[0] / 2)
-    return RefineOutcome(layers=refined, result=result, generations=(first, setup.latent.shape[0] - first))
+    return RefineOutcome(layers=refined, result=result, generations=split)
 
 
 def wrap_refined(transferred: Any, refined: Mapping[str, LoraFactors], metadata: Mapping[str, str]) -> Any:

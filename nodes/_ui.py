@@ -89,8 +89,8 @@ TIP_POSITIVE = (
     "is a prompt of its own for the generations and the probes."
 )
 TIP_LATENT = (
-    "Size and batch size of the generations (e.g. Empty Latent Image): half are sampled by the source with "
-    "its LoRA, half by the target with the transferred LoRA. A batch of 4 to 8 gives the probes variety."
+    "Size and batch size of the generations (e.g. Empty Latent Image), sampled by the source with its LoRA: "
+    "they show what the LoRA draws. A batch of 4 to 8 gives the probes variety."
 )
 TIP_REFINE_LORA_NAME = (
     "The LoRA file the transfer started from (trained on source_model). Ignored when a LORA_MODEL is connected."

@@ -122,8 +122,9 @@ def _header(transferred, target_model) -> str:
 def _generations(outcome: _refine_host.RefineOutcome, setup: _refine_host.RefineSetup) -> str:
     teacher, start = outcome.generations
     neutral = " + the neutral prompt" if setup.neutral_given else " + the first prompt zeroed out as the neutral one"
-    return (f"Probes from {teacher + start} generations ({teacher} by the source with its LoRA, {start} by the "
-            f"target with the transferred LoRA), {setup.prompts} prompt(s){neutral}; "
+    by = ", ".join([*([f"{teacher} by the source with its LoRA"] if teacher else []),
+                    *([f"{start} by the target with the transferred LoRA"] if start else [])])  # fmt: skip
+    return (f"Probes from {teacher + start} generations ({by}), {setup.prompts} prompt(s){neutral}; "
             f"{len(outcome.layers)} diffusion-model layers refined.")
 
 

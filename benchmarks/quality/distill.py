@@ -3,7 +3,8 @@
 Everything a ComfyUI user has is here too, at toy scale: the source model and its LoRA, the
 target model, the prompts (the class labels) and a neutral prompt (the null label). No training
 image is used: the probes are the models' own DDIM generations (source + LoRA and target +
-transferred LoRA, half each), re-noised at uniform timesteps, as the node does in ComfyUI.
+transferred LoRA, shared out by :func:`lorax_core.refine.generation_split` as the node does),
+re-noised at uniform timesteps.
 
 The denoisers are the toy UNet run with ``torch.func.functional_call`` on merged weights
 ``W + scale · up @ down``; the student reads :class:`lorax_core.refine.TrainableLora`'s
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 from torch.func import functional_call
 
-from lorax_core.refine import RefineOptions, RefineResult, Scope, Teachers, TrainableLora, distil
+from lorax_core.refine import RefineOptions, RefineResult, Scope, Teachers, TrainableLora, distil, generation_split
 from lorax_core.types import LoraFactors
 
 from . import data
@@ -34,7 +35,7 @@ __all__ = ["DistillConfig", "Generations", "Refined", "add_refined"]
 class DistillConfig:
     """Budget of the generations the data-free refinement starts from (shared by every run of a cell)."""
 
-    generations: int = 32  # per model (teacher and target + transferred LoRA)
+    generations: int = 64  # in all, shared between the two models by the run's ``target_share``
     ddim_steps: int = 10
     guidance: float = 3.0  # the benchmark sets its evaluation guidance here
     seed: int = 0
@@ -67,24 +68,29 @@ def _generate(model: ToyLDM, state: Mapping[str, torch.Tensor], text: TextEncode
 
 
 class Generations:
-    """The models' own samples for one (source + LoRA, target) pair, made once and shared by every run.
+    """The models' own samples for one (source + LoRA, target) pair, made once and shared by runs.
 
     What a user gets by re-running the node with other settings on the same inputs (and what
-    keeps the benchmark affordable): half by the source + LoRA, half by the target + the
-    transferred LoRA, the class prompts cycling.
+    keeps the benchmark affordable): ``split[0]`` by the source + LoRA, ``split[1]`` by the
+    target + the transferred LoRA (:func:`lorax_core.refine.generation_split`), the class
+    prompts cycling in each part.
     """
 
     def __init__(self, source: ToyLDM, source_layers: Mapping[str, LoraFactors], target: ToyLDM,
                  start: Mapping[str, LoraFactors], text: TextEncoder, diffusion: Diffusion,
-                 cfg: DistillConfig) -> None:  # fmt: skip
+                 cfg: DistillConfig, split: tuple[int, int]) -> None:  # fmt: skip
         started = time.perf_counter()
         self.text, self.diffusion, self.target, self.start = text, diffusion, target, dict(start)
         src_state = source.state_dict()
         src_lora = merge(src_state, source_layers)
-        lat_a, lab_a = _generate(source, src_lora, text, diffusion, cfg.generations, cfg, 5000 + cfg.seed)
-        lat_b, lab_b = _generate(target, merge(target.state_dict(), start), text, diffusion, cfg.generations, cfg,
-                                 6000 + cfg.seed)  # fmt: skip
-        self.latents, self.labels = torch.cat([lat_a, lat_b]), torch.cat([lab_a, lab_b])
+        parts = [
+            _generate(model, state, text, diffusion, count, cfg, seed)
+            for model, state, count, seed in ((source, src_lora, split[0], 5000 + cfg.seed),
+                                              (target, merge(target.state_dict(), start), split[1], 6000 + cfg.seed))
+            if count > 0
+        ]  # fmt: skip
+        self.latents = torch.cat([latents for latents, _ in parts])
+        self.labels = torch.cat([labels for _, labels in parts])
         self.teachers = Teachers(_scope(source, src_lora, text), _scope(source, src_state, text),
                                  _scope(target, target.state_dict(), text))  # fmt: skip
         self.seconds = time.perf_counter() - started
@@ -121,17 +127,22 @@ def add_refined(cell: _Cell, source: ToyLDM, source_layers: Mapping[str, LoraFac
                 runs: Mapping[str, RefineOptions], cfg: DistillConfig) -> None:  # fmt: skip
     """Score ``refine:<name>`` for every run on one benchmark cell (``CellScorer.add``).
 
-    The generations are made once and shared by the runs; each run starts from ``start`` (the
-    ``start_name`` method's layers). The info stored with each score says what it cost:
-    ``generation_seconds`` (once per cell) and ``seconds`` (that run's optimisation), plus the
-    held-out losses.
+    The generations are made once per generation split and shared by the runs with that split;
+    each run starts from ``start`` (the ``start_name`` method's layers). The info stored with
+    each score says what it cost: ``generation_seconds`` (once per split and cell) and
+    ``seconds`` (that run's optimisation), plus the held-out losses.
     """
-    generations = Generations(source, source_layers, target, start, text, diffusion, cfg)
+    made: dict[tuple[int, int], Generations] = {}
     for name, options in runs.items():
+        split = generation_split(cfg.generations, options)
+        if split not in made:
+            made[split] = Generations(source, source_layers, target, start, text, diffusion, cfg, split)
+        generations = made[split]
         refined = generations.refine(options)
         r = refined.result
         cell.add(f"refine:{name}", refined.layers, {
             "refused": False, "layers_transferred": len(refined.layers), "start": start_name, "steps": options.steps,
-            "generation_seconds": round(generations.seconds, 1), "seconds": r.seconds, "kept": r.kept,
+            "generations": list(split), "generation_seconds": round(generations.seconds, 1), "seconds": r.seconds,
+            "kept": r.kept,
             "holdout_before": r.holdout_before, "holdout_after": r.holdout_after, "holdout_no_lora": r.baseline,
         })  # fmt: skip

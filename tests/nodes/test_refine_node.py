@@ -137,14 +137,15 @@ def test_refine_lowers_the_loss_and_keeps_layers_and_inputs(refined, weak, model
     first, last = map(float, re.search(r"first → last quarter of the steps\): (\S+) → (\S+)\.", report).groups())
     assert first > 0 and last > 0
     assert report.startswith("lorax_tiny_sd15_lora.safetensors: SD15 → SD15\nLoRA-X transfer: 48 of 60 layers")
-    assert ("Probes from 2 generations (1 by the source with its LoRA, 1 by the target with the transferred LoRA)"
-            in report)
+    # at the default target_share (0) every generation comes from the source with its LoRA
+    assert "Probes from 2 generations (2 by the source with its LoRA), 1 prompt(s)" in report
     assert out.ui.as_dict()["text"] == (report,)
     assert chart.ndim == 4 and chart.shape[0] == 1 and chart.shape[-1] == 3 and chart.dtype == torch.float32
     assert 0.0 <= float(chart.min()) and float(chart.max()) <= 1.0
-    # One progress bar over generation, teacher passes and training: 2 × 2 sampling steps,
+    # One progress bar over generation, teacher passes and training: one sampling call (both
+    # generations by the source with its LoRA, one prompt) × 2 sampling steps,
     # 3 passes × 16 chunks (16 probes and their 16 neutral twins, batch 2), 20 steps.
-    total = 2 * 2 + 3 * 16 + 20
+    total = 1 * 2 + 3 * 16 + 20
     assert seen[-1] == (total, total) and [v for v, _ in seen] == sorted(v for v, _ in seen)
     # Nothing of the input changed: the target (shared with the student) and the transferred LoRA.
     target = models[1]

@@ -18,6 +18,7 @@ from lorax_core.refine import (
     distil,
     distillation_targets,
     factors_like,
+    generation_split,
     make_probes,
     predict,
     refine,
@@ -347,7 +348,7 @@ def test_result_metadata_and_summary() -> None:
     meta = result.metadata()
     assert meta["lorax.refined"] == "true" and meta["lorax.refine.objective"] == "output"
     assert meta["lorax.refine.steps"] == "30" and meta["lorax.refine.seed"] == "4"
-    assert meta["lorax.refine.probes"] == "96"
+    assert meta["lorax.refine.probes"] == "96" and meta["lorax.refine.target_share"] == "0"
     assert all(isinstance(v, str) for v in meta.values())
     assert result.summary().startswith("Refined (output matching): 30 steps")
 
@@ -366,6 +367,8 @@ def test_result_metadata_and_summary() -> None:
         ({"keep_guidance": -1.0}, "refine keep_guidance must be a number ≥ 0; got -1.0"),
         ({"keep_guidance": float("inf")}, "refine keep_guidance must be a number ≥ 0; got inf"),
         ({"probes": 4}, "refine probes must be an integer ≥ 8; got 4"),
+        ({"target_share": 1.5}, r"refine target_share must be in \[0, 1\]; got 1.5"),
+        ({"target_share": float("nan")}, r"refine target_share must be in \[0, 1\]; got nan"),
     ],
 )
 def test_option_errors(kwargs: dict[str, object], message: str) -> None:
@@ -397,3 +400,17 @@ def test_input_errors() -> None:
         refine([p], lambda a, t, c: a, probes, x[:, :2], RefineOptions())
     with pytest.raises(OptionError, match="refine needs more probes than the held-out share: 1 probes"):
         refine([p], lambda a, t, c: a, probes.take(torch.arange(1)), x[:1], RefineOptions())
+
+
+@pytest.mark.parametrize(
+    ("total", "share", "split"),
+    [(8, 0.0, (8, 0)), (8, 1.0, (0, 8)), (8, 0.5, (4, 4)), (7, 0.5, (3, 4)), (8, 0.25, (6, 2)),
+     (10, 0.01, (9, 1)), (10, 0.99, (1, 9)), (1, 0.5, (1, 0)), (2, 0.5, (1, 1))],
+)
+def test_generation_split_shares_out_every_generation(total: int, share: float, split: tuple[int, int]) -> None:
+    assert generation_split(total, RefineOptions(target_share=share)) == split
+
+
+def test_generation_split_needs_a_generation() -> None:
+    with pytest.raises(OptionError, match="refine needs at least one generation; got 0"):
+        generation_split(0, RefineOptions())
