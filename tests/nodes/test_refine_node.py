@@ -28,9 +28,11 @@ NODE_ID = "LoraXRefineTransferredLoRA"
 DISPLAY = "Refine Transferred LoRA (data-free)"
 # keep_guidance 0 here: on these tiny models, 20 steps of batch 2 with the content-keeping term at the
 # default 0.5 lowered the held-out loss by only 10 % (measured); the term itself is tested in
-# tests/unit/test_refine.py and runs in the neutral-less case below.
-SMALL = {"objective": "effect", "output_weight": 0.5, "keep_guidance": 0.0, "steps": 20, "learning_rate": 0.0005,
-         "probes": 16, "sample_steps": 2, "cfg": 4.0, "seed": 3, "batch": 2}
+# tests/unit/test_refine.py and runs in the neutral-less case below. With every generation by the
+# source + LoRA (the default target_share 0), 16 probes of batch 2 from 2 generations left the
+# held-out loss unchanged (measured): 64 probes from 4 generations, 40 steps of batch 4 lower it.
+SMALL = {"objective": "effect", "output_weight": 0.5, "keep_guidance": 0.0, "steps": 40, "learning_rate": 0.001,
+         "probes": 64, "sample_steps": 2, "cfg": 4.0, "seed": 3, "batch": 4}
 WEAK = 0.25  # the starting LoRA's strength relative to the transfer
 PROBE_KEY = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 
@@ -40,7 +42,7 @@ def _conditioning(seed: int) -> list:
     return [[torch.randn(1, 77, 768, generator=g), {}]]
 
 
-def _latent(batch: int = 2, size: int = 4) -> dict:
+def _latent(batch: int = 4, size: int = 4) -> dict:
     return {"samples": torch.zeros(batch, 4, size, size)}
 
 
@@ -127,25 +129,24 @@ def test_refine_lowers_the_loss_and_keeps_layers_and_inputs(refined, weak, model
     assert set(lora) == set(weak) and set(lora.factors) == set(weak.factors)
     assert lora.layer_names == weak.layer_names and lora.lora_file is weak.lora_file
     assert meta["lorax.refined"] == "true" and meta["lorax.refine.kept"] == "refined"
-    assert meta["lorax.refine.objective"] == "effect" and meta["lorax.refine.steps"] == "20"
+    assert meta["lorax.refine.objective"] == "effect" and meta["lorax.refine.steps"] == "40"
     assert meta["lorax.method"] == weak.metadata["lorax.method"]  # the transfer's provenance is kept
     held_before = float(meta["lorax.refine.holdout_loss_before"])
     held_after = float(meta["lorax.refine.holdout_loss_after"])
-    assert held_after < 0.8 * held_before
-    # The training-loss trend is reported; with batch 2 its quarter medians over 20 steps follow the sampled
-    # timesteps more than the progress (held-out loss above is the check that the loss falls).
+    # measured on these tiny models: 0.00175 → 0.00160 (the bare target: 0.00258)
+    assert held_after < 0.95 * held_before
     first, last = map(float, re.search(r"first → last quarter of the steps\): (\S+) → (\S+)\.", report).groups())
-    assert first > 0 and last > 0
+    assert 0 < last < first
     assert report.startswith("lorax_tiny_sd15_lora.safetensors: SD15 → SD15\nLoRA-X transfer: 48 of 60 layers")
     # at the default target_share (0) every generation comes from the source with its LoRA
-    assert "Probes from 2 generations (2 by the source with its LoRA), 1 prompt(s)" in report
+    assert "Probes from 4 generations (4 by the source with its LoRA), 1 prompt(s)" in report
     assert out.ui.as_dict()["text"] == (report,)
     assert chart.ndim == 4 and chart.shape[0] == 1 and chart.shape[-1] == 3 and chart.dtype == torch.float32
     assert 0.0 <= float(chart.min()) and float(chart.max()) <= 1.0
-    # One progress bar over generation, teacher passes and training: one sampling call (both
-    # generations by the source with its LoRA, one prompt) × 2 sampling steps,
-    # 3 passes × 16 chunks (16 probes and their 16 neutral twins, batch 2), 20 steps.
-    total = 1 * 2 + 3 * 16 + 20
+    # One progress bar over generation, teacher passes and training: one sampling call (every
+    # generation by the source with its LoRA, one prompt) × 2 sampling steps,
+    # 3 passes × 32 chunks (64 probes and their 64 neutral twins, batch 4), 40 steps.
+    total = 1 * 2 + 3 * 32 + 40
     assert seen[-1] == (total, total) and [v for v, _ in seen] == sorted(v for v, _ in seen)
     # Nothing of the input changed: the target (shared with the student) and the transferred LoRA.
     target = models[1]
