@@ -145,4 +145,5 @@ def add_refined(cell: _Cell, source: ToyLDM, source_layers: Mapping[str, LoraFac
             "generations": list(split), "generation_seconds": round(generations.seconds, 1), "seconds": r.seconds,
             "kept": r.kept,
             "holdout_before": r.holdout_before, "holdout_after": r.holdout_after, "holdout_no_lora": r.baseline,
+            "fit_before": r.fit_before, "fit_after": r.fit_after, "refined_fit": r.refined_fit,
         })  # fmt: skip

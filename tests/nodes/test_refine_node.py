@@ -120,6 +120,15 @@ def test_node_is_registered_with_tooltips_quoted_in_the_docs(node_classes):
     for item in [*schema.inputs, *(schema.outputs or [])]:
         assert item.tooltip, f"{item.id} has no tooltip"
         assert item.tooltip in docs, f"docs/NODES.md lacks the tooltip of {NODE_ID}.{item.id}"
+    # the inputs table states each widget's default as the node declares it (the core's defaults)
+    section = docs.split("## Refine Transferred LoRA (data-free)")[1].split("\n## ")[0]
+    for item in schema.inputs:
+        default = getattr(item, "default", None)
+        if default is None or item.id == "lora_name":  # the file list's first entry depends on the folder
+            continue
+        row = next((line for line in section.splitlines() if line.startswith(f"| `{item.id}` |")), None)
+        assert row is not None, f"docs/NODES.md has no row for {item.id}"
+        assert f"| `{default}` |" in row, f"docs/NODES.md states another default for {item.id}: {row}"
 
 
 def test_refine_lowers_the_loss_and_keeps_layers_and_inputs(refined, weak, models):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.quality.report import _instrument
+from benchmarks.quality.report import _instrument, _targets
 
 
 def _none(content: float, se: float = 0.01) -> dict[str, Any]:
@@ -29,3 +29,21 @@ def test_bare_models_get_a_verdict_and_the_control_none() -> None:
         "| heavy | 0.85 ± 0.02 | 1.00 ± 0.00 | missed (-0.05) |",
         "| unrelated | 0.30 ± 0.02 | 1.00 ± 0.00 | — (control) |",
     ]
+
+
+def _scores(style: float, content: float, look: float = 1.0, se: float = 0.01) -> dict[str, Any]:
+    return {"style": style, "style_se": se, "content": content, "content_se": se, "look": look, "look_se": se}
+
+
+def test_targets_say_when_the_retrained_adapter_misses_copys_content_too() -> None:
+    def cell(retrained_content: float) -> dict[str, Any]:
+        return {"methods": {"copy": _scores(0.2, 0.95), "retrained": _scores(0.9, retrained_content),
+                            "refine:default": _scores(0.9, 0.60)}}  # fmt: skip
+
+    doc = {"targets": {"reparam": {"adapters": {"stripes/lora_r8": cell(0.62)}},
+                       "shallow": {"adapters": {"stripes/lora_r8": cell(0.97)}}}}  # fmt: skip
+    rows = [line for line in _targets(doc) if line.startswith("| reparam") or line.startswith("| shallow")]
+    assert len(rows) == 2
+    assert "0.60 ± 0.02 vs 0.95 ± 0.02: missed (-0.35; retrained too, 0.62)" in rows[0]
+    assert "0.60 ± 0.02 vs 0.95 ± 0.02: missed (-0.35) |" in rows[1]  # retrained keeps copy's content: no excuse
+    assert rows[0].startswith("| reparam | stripes/lora_r8 | 1.00× ± 0.03: met |")

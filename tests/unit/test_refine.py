@@ -176,6 +176,26 @@ def test_keep_guidance_keeps_the_targets_content_where_plain_effect_drops_it() -
     assert effect_error[2.0] < 0.8 and effect_error[0.0] < 0.8  # both still learn the LoRA's effect
 
 
+def test_content_keeping_term_never_trades_away_an_effect_the_transfer_already_has() -> None:
+    # Target = source and the start = the source LoRA itself: the transfer already reproduces the
+    # LoRA's effect exactly (fit 0). The LoRA bends the guidance direction, so the content-keeping
+    # term alone is > 0 and optimising it would pull the effect away from the teacher's; the
+    # result must be the start, with the reason in the summary.
+    source, _, lora, _ = _world()
+    trainable, result = _distil(source, source, lora, lora, RefineOptions(keep_guidance=2.0, steps=60, lr=1e-2,
+                                                                          batch=16, probes=96))  # fmt: skip
+    assert result.fit_before < 1e-10 < result.holdout_before
+    assert result.kept == "start" and result.fit_after == result.fit_before
+    for key in KEYS:
+        assert torch.equal(trainable.export()[key].up, lora[key].up)
+    assert "already reproduces that effect" in result.summary()
+    assert result.metadata()["lorax.refine.holdout_fit_before"] == f"{result.fit_before:.6g}"
+    # the same run without the term has nothing to do either (and says so the usual way)
+    _, plain = _distil(source, source, lora, lora, RefineOptions(keep_guidance=0.0, steps=5, probes=96))
+    assert plain.kept == "start" and plain.fit_before == plain.holdout_before
+    assert "did not improve" in plain.summary()
+
+
 def test_refine_with_null_branch_runs_prompt_and_neutral_twins_in_one_batch() -> None:
     source, target, lora, probes = _world()
     teacher = predict(_with(source, lora), probes)
