@@ -369,18 +369,16 @@ def migrate_library(
         lora_dir=str(lora_dir), out_dir=str(out_dir), source=source_info.name, target=target_info.name,
         ignored=[p.relative_to(lora_dir).as_posix() for p in other],
     )  # fmt: skip
+    job = _FileJob(out_dir, source, target, options, source_info, target_info, host, key_map, host_rule, style,
+                   shared, overwrite)  # fmt: skip
     start = time.perf_counter()
     total = len(files)
     finished = False
     try:
         for index, path in enumerate(files):
             rel = path.relative_to(lora_dir)
-            row = _migrate_one(
-                path, rel, out_dir, source, target, options,
-                source_info=source_info, target_info=target_info, host=host, key_map=key_map,
-                host_rule=host_rule, style=style, cache=shared, overwrite=overwrite,
-                progress=None if progress is None else (lambda d, t, i=index: progress(i, total, d, t)),
-            )  # fmt: skip
+            row = _migrate_one(path, rel, job,
+                               None if progress is None else (lambda d, t, i=index: progress(i, total, d, t)))
             summary.rows.append(row)
             if progress is not None:
                 progress(index + 1, total, 0, 0)
@@ -408,27 +406,29 @@ def write_summary(summary: LibrarySummary, out_dir: Path) -> None:
     write_text(out_dir / SUMMARY_MD, summary.to_markdown(), overwrite=True)
 
 
-def _migrate_one(
-    path: Path,
-    rel: Path,
-    out_dir: Path,
-    source: WeightSource,
-    target: WeightSource,
-    options: TransferOptions,
-    *,
-    source_info: ModelInfo,
-    target_info: ModelInfo,
-    host: str,
-    key_map: KeyMap | None,
-    host_rule: Callable[[str, str | None], str] | None,
-    style: Literal["source", "comfy"],
-    cache: SubspaceCache | None,
-    overwrite: bool,
-    progress: Callable[[int, int], None] | None,
-) -> LibraryRow:
+@dataclass(frozen=True)
+class _FileJob:
+    """What every file of one folder run shares: :func:`migrate_library`'s settings, passed once."""
+
+    out_dir: Path
+    source: WeightSource
+    target: WeightSource
+    options: TransferOptions
+    source_info: ModelInfo
+    target_info: ModelInfo
+    host: str
+    key_map: KeyMap | None
+    host_rule: Callable[[str, str | None], str] | None
+    style: Literal["source", "comfy"]
+    cache: SubspaceCache | None
+    overwrite: bool
+
+
+def _migrate_one(path: Path, rel: Path, job: _FileJob, progress: Callable[[int, int], None] | None) -> LibraryRow:
     """One file of the folder → one row; a file-level :class:`LoraxError` or ``OSError`` becomes the row's reason."""
     start = time.perf_counter()
     row = LibraryRow(file=rel.as_posix(), outcome="failed")
+    out_dir, overwrite, style = job.out_dir, job.overwrite, job.style
     out = (out_dir / rel).with_suffix(".safetensors")
     report_path = out.with_suffix(REPORT_SUFFIX)
     try:
@@ -445,15 +445,15 @@ def _migrate_one(
                 )
                 return row
         lora: LoraFile = read_lora(path)
-        job = run_transfer(
-            lora, source, target, options, lora_name=rel.as_posix(), source_info=source_info,
-            target_info=target_info, host=host, key_map=key_map, source_name=source_info.name,
-            host_rule=host_rule, style=style, cache=cache, progress=progress,
+        done = run_transfer(
+            lora, job.source, job.target, job.options, lora_name=rel.as_posix(), source_info=job.source_info,
+            target_info=job.target_info, host=job.host, key_map=job.key_map, source_name=job.source_info.name,
+            host_rule=job.host_rule, style=style, cache=job.cache, progress=progress,
         )  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
-        report = job.result.report
+        report = done.result.report
         write_lora(
-            out, job.out_layers, style="comfy" if style == "comfy" else lora, metadata=job.metadata,
+            out, done.out_layers, style="comfy" if style == "comfy" else lora, metadata=done.metadata,
             overwrite=overwrite, extra_files={report_path: report.to_json()},
         )  # fmt: skip
         _fill_stats(row, json_safe(report.to_dict()))  # type: ignore[arg-type]
