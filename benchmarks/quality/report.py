@@ -216,6 +216,11 @@ def _check(ok: bool, shortfall: str) -> str:
     return "met" if ok else f"missed ({shortfall})"
 
 
+def _short(gap: float) -> str:
+    """A shortfall to two decimals, or three when two would print it as 0.00."""
+    return f"{gap:+.3f}" if abs(gap) < 0.005 else f"{gap:+.2f}"
+
+
 def _targets(doc: Mapping[str, Any]) -> list[str]:
     """Refinement at the defaults against its targets, cell by cell, read with the 95 % intervals.
 
@@ -240,7 +245,7 @@ def _targets(doc: Mapping[str, Any]) -> list[str]:
         if ref["content"] + Z95 * ref["content_se"] < copy["content"]:
             content_miss += f"; retrained too, {ref['content']:.2f}"
         rows.append(
-            f"| {target} | {name} | {_ratio(m, ref)}: {_check(style_ok, f'{ratio - need:+.2f} vs {need:.1f}×')} | "
+            f"| {target} | {name} | {_ratio(m, ref)}: {_check(style_ok, f'{_short(ratio - need)} vs {need:.1f}×')} | "
             f"{_fmt(m['content'], m['content_se'])} vs {_fmt(copy['content'], copy['content_se'])}: "
             f"{_check(content_ok, content_miss)} | "
             f"{_fmt(m['look'], m['look_se'])} vs {_fmt(copy['look'], copy['look_se'])}: "

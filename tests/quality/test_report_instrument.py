@@ -47,3 +47,10 @@ def test_targets_say_when_the_retrained_adapter_misses_copys_content_too() -> No
     assert "0.60 ± 0.02 vs 0.95 ± 0.02: missed (-0.35; retrained too, 0.62)" in rows[0]
     assert "0.60 ± 0.02 vs 0.95 ± 0.02: missed (-0.35) |" in rows[1]  # retrained keeps copy's content: no excuse
     assert rows[0].startswith("| reparam | stripes/lora_r8 | 1.00× ± 0.03: met |")
+
+
+def test_a_style_shortfall_under_half_a_hundredth_is_not_printed_as_zero() -> None:
+    methods = {"copy": _scores(0.01, 0.93), "retrained": _scores(1.0, 0.3), "refine:default": _scores(0.996, 0.94)}
+    rows = [line for line in _targets({"targets": {"heavy": {"adapters": {"palette/lora_r8": {"methods": methods}}}}})
+            if line.startswith("| heavy")]  # fmt: skip
+    assert "missed (-0.004 vs 1.0×)" in rows[0]
