@@ -286,6 +286,8 @@ def _refine_summary(doc: Mapping[str, Any]) -> list[str]:
                 continue
             cost = (f"{m['generation_seconds'] + m['seconds']:.0f} s ({m['steps']} steps)"
                     if "seconds" in m and "generation_seconds" in m else "")  # fmt: skip
+            if m.get("kept") == "start":  # the held-out check gave back the transfer unchanged
+                cost += ", kept the transfer"
             rows.append(
                 f"| {target} | {name} | {method} | {_scored(m, method, copy, 'style')} | {_ratio(m, ref)} | "
                 f"{_scored(m, method, copy, 'content')} | {_scored(m, method, copy, 'look')} | {cost} |"
@@ -297,7 +299,8 @@ def _refine_summary(doc: Mapping[str, Any]) -> list[str]:
         "",
         "`refine:default` is the Refine node at its defaults; `refine:<variant>` a comparison (see the config in "
         "quality.json). Every refinement starts from `auto`'s result and uses no training image. ▲/▼/= after a "
-        "score: above / below / not separable from `copy`'s (95 % intervals).",
+        "score: above / below / not separable from `copy`'s (95 % intervals). \"kept the transfer\": the held-out "
+        "check gave the starting LoRA back (no gain, or the LoRA's effect moved away from the teacher's).",
         "",
         "| target | adapter | method | style | ×retrained | content | look | cost (this CPU) |",
         "|---|---|---|---|---|---|---|---|",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.quality.report import _instrument, _targets
+from benchmarks.quality.report import _instrument, _refine_summary, _targets
 
 
 def _none(content: float, se: float = 0.01) -> dict[str, Any]:
@@ -54,3 +54,15 @@ def test_a_style_shortfall_under_half_a_hundredth_is_not_printed_as_zero() -> No
     rows = [line for line in _targets({"targets": {"heavy": {"adapters": {"palette/lora_r8": {"methods": methods}}}}})
             if line.startswith("| heavy")]  # fmt: skip
     assert "missed (-0.004 vs 1.0×)" in rows[0]
+
+
+def test_summary_says_when_refinement_kept_the_transfer() -> None:
+    run = {"generation_seconds": 1.0, "seconds": 12.0, "steps": 150}
+    methods = {"copy": _scores(0.2, 0.95), "auto": _scores(0.86, 0.63), "retrained": _scores(0.87, 0.64),
+               "refine:default": {**_scores(0.86, 0.63), **run, "kept": "start"},
+               "refine:effect": {**_scores(0.9, 0.6), **run, "kept": "refined"}}  # fmt: skip
+    rows = _refine_summary({"targets": {"reparam": {"adapters": {"stripes/lora_r8": {"methods": methods}}}}})
+    default = next(line for line in rows if "| refine:default |" in line)
+    effect = next(line for line in rows if "| refine:effect |" in line)
+    assert default.endswith("| 13 s (150 steps), kept the transfer |")
+    assert effect.endswith("| 13 s (150 steps) |")
