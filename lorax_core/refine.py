@@ -453,7 +453,8 @@ def _heldout(student: Denoiser, probes: Probes, targets: torch.Tensor, null: Nul
         for part in index.split(batch):
             out = _run(student, probes, part, null)
             total += float(_loss(out, targets, null, part)) * len(part)
-            fit += float(_loss(out, targets, bare, part)) * len(part) if bare is not None else 0.0
+            if bare is not None:
+                fit += float(_loss(out, targets, bare, part)) * len(part)
     count = max(1, len(index))
     return total / count, (fit if bare is not None else total) / count
 
@@ -555,7 +556,7 @@ def refine(
     # The content-keeping term is a regulariser, not the goal: a run that lowered the total loss
     # by moving the LoRA's effect *away* from the teacher's (fit worse) traded the effect for it.
     # In the toy benchmark that turned a transfer already at the retrained adapter's style into
-    # one at 0.71× of it (an exact-function target, where the transfer is already right).
+    # one at 0.71× of it (a re-parameterised copy of the source, where the transfer is already right).
     if (not (after < result.holdout_before) or fit > result.fit_before
             or not all(bool(torch.isfinite(p).all()) for p in params)):  # fmt: skip
         restore()
