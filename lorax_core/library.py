@@ -369,8 +369,9 @@ def migrate_library(
         lora_dir=str(lora_dir), out_dir=str(out_dir), source=source_info.name, target=target_info.name,
         ignored=[p.relative_to(lora_dir).as_posix() for p in other],
     )  # fmt: skip
-    job = _FileJob(out_dir, source, target, options, source_info, target_info, host, key_map, host_rule, style,
-                   shared, overwrite)  # fmt: skip
+    job = _FileJob(out_dir=out_dir, source=source, target=target, options=options, source_info=source_info,
+                   target_info=target_info, host=host, key_map=key_map, host_rule=host_rule, style=style,
+                   cache=shared, overwrite=overwrite)  # fmt: skip
     start = time.perf_counter()
     total = len(files)
     finished = False

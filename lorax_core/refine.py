@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
@@ -416,22 +416,32 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def _loss_terms(
+    out: torch.Tensor, targets: torch.Tensor, null: NullBranch | None, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """``(fit, guidance)``: the two parts of a batch's refinement loss (their sum is :func:`_loss`).
+
+    ``out`` is ``(B, …)``, or ``(2B, …)`` = prompt then neutral twins with ``null``. ``fit``:
+    without ``null`` the MSE to ``targets[index]``, with it the mean of both branches' MSE.
+    ``guidance``: the content-keeping term ``λ·MSE(S_c − S_u, guide)`` (module docstring), 0.0
+    without ``null`` or when ``λ = 0``.
+    """
+    if null is None:
+        return torch.nn.functional.mse_loss(out, targets[index].to(out.device)), 0.0
+    out_c, out_u = out.chunk(2)
+    fit = 0.5 * (torch.nn.functional.mse_loss(out_c, targets[index].to(out.device))
+                 + torch.nn.functional.mse_loss(out_u, null.targets[index].to(out.device)))  # fmt: skip
+    if null.weight == 0:
+        return fit, 0.0
+    return fit, null.weight * torch.nn.functional.mse_loss(out_c - out_u, null.guide[index].to(out.device))
+
+
 def _loss(
     out: torch.Tensor, targets: torch.Tensor, null: NullBranch | None, index: torch.Tensor
 ) -> torch.Tensor:
-    """The refinement loss of a batch; ``out`` is ``(B, …)``, or ``(2B, …)`` = prompt then neutral twins with ``null``.
-
-    Without ``null``: MSE to ``targets[index]``. With it: the mean of both branches' MSE plus
-    ``λ·MSE(S_c − S_u, guide)`` (module docstring).
-    """
-    if null is None:
-        return torch.nn.functional.mse_loss(out, targets[index].to(out.device))
-    out_c, out_u = out.chunk(2)
-    loss = 0.5 * (torch.nn.functional.mse_loss(out_c, targets[index].to(out.device))
-                  + torch.nn.functional.mse_loss(out_u, null.targets[index].to(out.device)))  # fmt: skip
-    if null.weight > 0:
-        loss = loss + null.weight * torch.nn.functional.mse_loss(out_c - out_u, null.guide[index].to(out.device))
-    return loss
+    """The refinement loss of a batch: fit plus the content-keeping term (:func:`_loss_terms`)."""
+    fit, guidance = _loss_terms(out, targets, null, index)
+    return fit + guidance
 
 
 def _run(student: Denoiser, probes: Probes, index: torch.Tensor, null: NullBranch | None) -> torch.Tensor:
@@ -447,16 +457,14 @@ def _run(student: Denoiser, probes: Probes, index: torch.Tensor, null: NullBranc
 def _heldout(student: Denoiser, probes: Probes, targets: torch.Tensor, null: NullBranch | None,
              index: torch.Tensor, batch: int) -> tuple[float, float]:  # fmt: skip
     """Mean ``(loss, fit)`` over the probes ``index`` (no grad): ``fit`` is the loss without the content-keeping term."""
-    bare = None if null is None or null.weight == 0 else replace(null, weight=0.0)
     total = fit = 0.0
     with torch.no_grad():
         for part in index.split(batch):
-            out = _run(student, probes, part, null)
-            total += float(_loss(out, targets, null, part)) * len(part)
-            if bare is not None:
-                fit += float(_loss(out, targets, bare, part)) * len(part)
+            part_fit, guidance = _loss_terms(_run(student, probes, part, null), targets, null, part)
+            fit += float(part_fit) * len(part)
+            total += float(part_fit + guidance) * len(part)
     count = max(1, len(index))
-    return total / count, (fit if bare is not None else total) / count
+    return total / count, fit / count
 
 
 def refine(

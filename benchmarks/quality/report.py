@@ -241,7 +241,7 @@ def _targets(doc: Mapping[str, Any]) -> list[str]:
         content_ok = m["content"] + Z95 * m["content_se"] >= copy["content"]
         look_ok = m["look"] + Z95 * m["look_se"] >= copy["look"] - tol
         d_content, d_look = m["content"] - copy["content"], m["look"] - copy["look"]
-        content_miss = f"{d_content:+.2f}"
+        content_miss = _short(d_content)
         if ref["content"] + Z95 * ref["content_se"] < copy["content"]:
             content_miss += f"; retrained too, {ref['content']:.2f}"
         rows.append(
@@ -249,7 +249,7 @@ def _targets(doc: Mapping[str, Any]) -> list[str]:
             f"{_fmt(m['content'], m['content_se'])} vs {_fmt(copy['content'], copy['content_se'])}: "
             f"{_check(content_ok, content_miss)} | "
             f"{_fmt(m['look'], m['look_se'])} vs {_fmt(copy['look'], copy['look_se'])}: "
-            f"{_check(look_ok, f'{d_look:+.2f}')} |"
+            f"{_check(look_ok, _short(d_look))} |"
         )
     if not rows:
         return []
