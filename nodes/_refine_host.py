@@ -44,7 +44,16 @@ from ..lorax_core.errors import FormatError, IncompatibleBaseError, NothingTrans
 from ..lorax_core.formats.base import pair_tensors
 from ..lorax_core.formats.io import load_tensors
 from ..lorax_core.formats.keys import COMFY_STYLE
-from ..lorax_core.refine import RefineOptions, RefineResult, Scope, Teachers, distil, factors_like, generation_split
+from ..lorax_core.refine import (
+    Noiser,
+    RefineOptions,
+    RefineResult,
+    Scope,
+    Teachers,
+    distil,
+    factors_like,
+    generation_split,
+)
 from ..lorax_core.types import LoraFactors
 from . import _host
 from ._training import Conditioning, copy_other_weights, fit_latent, trainable
@@ -306,14 +315,18 @@ def with_denoiser(model: Any, conds: Sequence[Conditioning], batch_shape: Sequen
     return runner.result
 
 
-def model_noiser(model: Any) -> Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
-    """The core's Noiser for ``model``: uniform timesteps over its schedule, ``x_t = noise_scaling(σ, ε, x0)``."""
+def model_noiser(model: Any) -> Noiser:
+    """The core's Noiser for ``model``: level ``u`` in [0, 1] is the timestep ``t(σ_min) + u·(t(σ_max) − t(σ_min))``.
+
+    ``x_t = noise_scaling(σ(t), ε, x0)`` with the model's own ``model_sampling``, so the levels
+    the core draws cover an SD1.5 schedule, a flow model's shifted one, … the same way.
+    """
     sampling = model.get_model_object("model_sampling")
     low = float(sampling.timestep(sampling.sigma_min))
     high = float(sampling.timestep(sampling.sigma_max))
 
-    def noiser(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        timestep = low + torch.rand(x0.shape[0], generator=generator) * (high - low)
+    def noiser(x0: torch.Tensor, level: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        timestep = low + level.to(torch.float32) * (high - low)
         sigma = sampling.sigma(timestep).to("cpu", torch.float32)
         noise = torch.randn(x0.shape, generator=generator)
         return sampling.noise_scaling(sigma, noise, x0, False), sigma

@@ -4,7 +4,7 @@ Everything a ComfyUI user has is here too, at toy scale: the source model and it
 target model, the prompts (the class labels) and a neutral prompt (the null label). No training
 image is used: the probes are the models' own DDIM generations (source + LoRA and target +
 transferred LoRA, shared out by :func:`lorax_core.refine.generation_split` as the node does),
-re-noised at uniform timesteps.
+re-noised at the core's noise levels (``RefineOptions.timestep_bias``).
 
 The denoisers are the toy UNet run with ``torch.func.functional_call`` on merged weights
 ``W + scale · up @ down``; the student reads :class:`lorax_core.refine.TrainableLora`'s
@@ -95,9 +95,9 @@ class Generations:
                                  _scope(target, target.state_dict(), text))  # fmt: skip
         self.seconds = time.perf_counter() - started
 
-    def noiser(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The toy world's forward process at uniform timesteps."""
-        t = torch.randint(0, self.diffusion.steps, (x0.shape[0],), generator=g)
+    def noiser(self, x0: torch.Tensor, level: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The toy world's forward process: noise level ``level`` in [0, 1] is timestep ``level · 999``."""
+        t = (level * self.diffusion.steps).long().clamp(0, self.diffusion.steps - 1)
         return self.diffusion.add_noise(x0, t, torch.randn(x0.shape, generator=g)), t
 
     def refine(self, options: RefineOptions) -> Refined:

@@ -176,10 +176,10 @@ class BenchConfig:
     #: data-free refinement at the core's defaults (``refine:default``) on every adapter of every
     #: :data:`REFINE_ON` target, plus ``refine_variants`` on the first LoRA adapter (comparisons)
     refine_default: RefineOptions = field(default_factory=RefineOptions)
-    #: the comparisons: without the content-keeping term, and with half the generations by the target
-    #: + transferred LoRA (the default before ``target_share`` = 0)
+    #: the comparisons: without the content-keeping term, and with the probes centred on mid-noise
+    #: (``timestep_bias`` 0) instead of the noisier timesteps
     refine_variants: tuple[tuple[str, RefineOptions], ...] = (("effect", RefineOptions(keep_guidance=0.0)),
-                                                               ("half", RefineOptions(target_share=0.5)))
+                                                               ("centred", RefineOptions(timestep_bias=0.0)))
     refine: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod
@@ -192,7 +192,7 @@ class BenchConfig:
             rank_sweep=(32,), seeds=2, per_seed=4, ddim_steps=4, all_methods=True,
             refine_default=RefineOptions(steps=3, probes=16, batch=4),
             refine_variants=(("effect", RefineOptions(keep_guidance=0.0, steps=3, probes=16, batch=4)),
-                             ("half", RefineOptions(target_share=0.5, steps=3, probes=16, batch=4)),
+                             ("centred", RefineOptions(timestep_bias=0.0, steps=3, probes=16, batch=4)),
                              ("output", RefineOptions(objective="output", steps=3, probes=16, batch=4))),
             refine=DistillConfig(generations=8, ddim_steps=4),
         )  # fmt: skip

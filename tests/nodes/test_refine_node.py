@@ -202,6 +202,20 @@ def test_zero_steps_returns_the_starting_factors(tiny, models, weak, objective, 
     assert f"Refined ({objective} matching): 0 steps" in report
 
 
+def test_noiser_places_the_core_levels_on_the_models_own_schedule(models):
+    sampling = models[1].get_model_object("model_sampling")
+    noiser = pack_module("nodes._refine_host").model_noiser(models[1])
+    x0 = torch.randn(3, 4, 4, 4)
+    xt, sigma = noiser(x0, torch.tensor([0.0, 0.5, 1.0]), torch.Generator().manual_seed(0))
+    low, high = float(sampling.timestep(sampling.sigma_min)), float(sampling.timestep(sampling.sigma_max))
+    expected = sampling.sigma(torch.tensor([low, (low + high) / 2, high])).float()
+    assert torch.allclose(sigma, expected)
+    assert sigma[0] == pytest.approx(float(sampling.sigma_min), rel=1e-3)
+    assert sigma[2] == pytest.approx(float(sampling.sigma_max), rel=1e-3)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(xt, sampling.noise_scaling(sigma, noise, x0, False))
+
+
 def test_cancel_stops_the_refinement_and_undoes_the_training_setup(tiny, models, weak):
     import comfy.model_management as mm
     import comfy.utils

@@ -20,6 +20,7 @@ from lorax_core.refine import (
     factors_like,
     generation_split,
     make_probes,
+    noise_levels,
     predict,
     refine,
 )
@@ -80,8 +81,8 @@ def _student(model: TinyDenoiser, lora: TrainableLora):
     return f
 
 
-def _noiser(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+def _noiser(x0: torch.Tensor, level: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    t = (level * 999).round().long()
     a = (1 - t.float() / 1000)[:, None]
     return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g), t
 
@@ -345,6 +346,38 @@ def test_make_probes_pairs_latents_with_their_prompts_and_the_neutral_one() -> N
     assert not (make_probes(latents, conds, _noiser, 40, seed=3).cond == 7).any()
 
 
+@pytest.mark.parametrize("bias", [0.0, 1.5])
+def test_noise_levels_are_logit_normal_around_the_bias(bias: float) -> None:
+    levels = noise_levels(20000, bias, torch.Generator().manual_seed(0))
+    assert levels.shape == (20000,) and levels.dtype == torch.float32
+    assert float(levels.min()) > 0.0 and float(levels.max()) < 1.0
+    logits = torch.logit(levels.double())
+    assert float(logits.mean()) == pytest.approx(bias, abs=0.03) and float(logits.std()) == pytest.approx(1.0, abs=0.03)
+    assert float(levels.median()) == pytest.approx(torch.sigmoid(torch.tensor(bias)).item(), abs=0.01)
+    # the default (1.5) puts 93 % of the probes in the noisier half of the schedule
+    assert float((levels > 0.5).float().mean()) == pytest.approx(0.5 if bias == 0 else 0.933, abs=0.01)
+
+
+def test_make_probes_noises_at_the_levels_the_options_ask_for() -> None:
+    seen: list[torch.Tensor] = []
+
+    def noiser(x0: torch.Tensor, level: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(level)
+        return _noiser(x0, level, g)
+
+    latents, conds = torch.randn(8, 12), torch.tensor([0, 1] * 4)
+    centred = make_probes(latents, conds, noiser, 2000, seed=1, timestep_bias=0.0)
+    noisy = make_probes(latents, conds, noiser, 2000, seed=1, timestep_bias=1.5)
+    assert [len(level) for level in seen] == [2000, 2000]
+    assert torch.equal(centred.t, (seen[0] * 999).round().long()) and torch.equal(noisy.t, (seen[1] * 999).round().long())
+    assert float(centred.t.float().median()) == pytest.approx(500, abs=30)
+    assert float(noisy.t.float().median()) == pytest.approx(817, abs=20)
+    # the default is the option's default
+    assert torch.equal(make_probes(latents, conds, _noiser, 64, seed=2).t,
+                       make_probes(latents, conds, _noiser, 64, seed=2,
+                                   timestep_bias=RefineOptions().timestep_bias).t)  # fmt: skip
+
+
 def test_factors_like_restores_conv_layout_dtype_and_alpha() -> None:
     original = LoraFactors(up=torch.randn(6, 2, 1, 1, dtype=torch.float16), down=torch.randn(2, 3, 3, 3,
                            dtype=torch.float16), alpha=1.0)  # fmt: skip
@@ -369,6 +402,7 @@ def test_result_metadata_and_summary() -> None:
     assert meta["lorax.refined"] == "true" and meta["lorax.refine.objective"] == "output"
     assert meta["lorax.refine.steps"] == "30" and meta["lorax.refine.seed"] == "4"
     assert meta["lorax.refine.probes"] == "96" and meta["lorax.refine.target_share"] == "0"
+    assert meta["lorax.refine.timestep_bias"] == "1.5"
     assert all(isinstance(v, str) for v in meta.values())
     assert result.summary().startswith("Refined (output matching): 30 steps")
 
@@ -389,6 +423,9 @@ def test_result_metadata_and_summary() -> None:
         ({"probes": 4}, "refine probes must be an integer ≥ 8; got 4"),
         ({"target_share": 1.5}, r"refine target_share must be in \[0, 1\]; got 1.5"),
         ({"target_share": float("nan")}, r"refine target_share must be in \[0, 1\]; got nan"),
+        ({"timestep_bias": 7.0}, r"refine timestep_bias must be a number in \[-6, 6\]; got 7.0. Try 1.5"),
+        ({"timestep_bias": float("nan")}, r"refine timestep_bias must be a number in \[-6, 6\]; got nan"),
+        ({"timestep_bias": "1"}, r"refine timestep_bias must be a number in \[-6, 6\]; got '1'"),
     ],
 )
 def test_option_errors(kwargs: dict[str, object], message: str) -> None:
