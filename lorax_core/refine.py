@@ -285,9 +285,9 @@ def make_probes(
 
     Each probe takes a generated latent at random, noises it with ``noiser`` at a random
     noise level (:func:`noise_levels` with ``timestep_bias``), and pairs it with the prompt it
-    was generated from — or, with probability
-    ``null_fraction``, with the neutral prompt ``null_cond`` (so that the unconditional branch
-    of classifier-free guidance learns the LoRA's effect too).
+    was generated from — or, with probability ``null_fraction``, with the neutral prompt
+    ``null_cond`` (so that the unconditional branch of classifier-free guidance learns the
+    LoRA's effect too).
 
     Args:
         latents: ``(L, C, …)`` clean latents (any float dtype/device; copied to float32 CPU).

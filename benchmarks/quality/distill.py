@@ -96,7 +96,7 @@ class Generations:
         self.seconds = time.perf_counter() - started
 
     def noiser(self, x0: torch.Tensor, level: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The toy world's forward process: noise level ``level`` in [0, 1] is timestep ``level · 999``."""
+        """The toy world's forward process: noise level ``level`` in [0, 1] is timestep ``⌊level · 1000⌋`` (at most 999)."""
         t = (level * self.diffusion.steps).long().clamp(0, self.diffusion.steps - 1)
         return self.diffusion.add_noise(x0, t, torch.randn(x0.shape, generator=g)), t
 
