@@ -159,7 +159,9 @@ def test_classifier_reports_domain_accuracy(quick_run: tuple[Path, dict]) -> Non
 
 def test_refine_rows_on_their_targets_only(quick_run: tuple[Path, dict]) -> None:
     out, doc = quick_run
-    variants = {f"refine:{name}" for name, _ in BenchConfig.quick_config().refine_variants}
+    quick = BenchConfig.quick_config()
+    variants = {f"refine:{name}" for name, _ in quick.refine_variants}
+    seeds = {f"refine:default@seed{seed}" for seed in quick.refine_seeds}
     for target, body in doc["targets"].items():
         first = next(iter(body["adapters"])).split("/")[1]
         for name, entry in body["adapters"].items():
@@ -168,14 +170,19 @@ def test_refine_rows_on_their_targets_only(quick_run: tuple[Path, dict]) -> None
             expected = set()
             refinable = entry["kind"] not in LYCORIS_KINDS  # LoHa/LoKr cells are not refined
             if target in REFINE_ON and refinable and (is_first or target in REFINE_EVERY_ADAPTER_ON):
-                # the defaults; comparisons on the first LoRA adapter of VARIANTS_ON
-                expected = {"refine:default"} | (variants if is_first and target in VARIANTS_ON else set())
+                # the defaults (with further seeds on REFINE_EVERY_ADAPTER_ON); comparisons on the
+                # first LoRA adapter of VARIANTS_ON
+                expected = {"refine:default"} | (seeds if target in REFINE_EVERY_ADAPTER_ON else set())
+                expected |= variants if is_first and target in VARIANTS_ON else set()
             assert refined == expected, (target, name, refined)
             for method in refined:
                 m = entry["methods"][method]
                 assert m["start"] == "auto" and m["kept"] in ("refined", "start")
                 assert m["holdout_after"] <= m["holdout_before"]
                 assert m["seconds"] >= 0 and m["generation_seconds"] > 0
+            if target in REFINE_EVERY_ADAPTER_ON and refinable:  # another seed draws other probes
+                seed0, seed1 = (entry["methods"][m]["holdout_before"] for m in ("refine:default", "refine:default@seed1"))
+                assert seed0 != seed1
     text = (out / "QUALITY.md").read_text()
     assert "### Summary: training-free transfer, data-free refinement, retraining" in text
     assert "### Targets: refinement at the node's defaults" in text

@@ -66,3 +66,21 @@ def test_summary_says_when_refinement_kept_the_transfer() -> None:
     effect = next(line for line in rows if "| refine:effect |" in line)
     assert default.endswith("| 13 s (150 steps), kept the transfer |")
     assert effect.endswith("| 13 s (150 steps) |")
+
+
+def test_targets_judge_the_style_on_the_mean_over_seeds_and_content_on_every_seed() -> None:
+    methods = {"copy": _scores(0.1, 0.90, look=0.70), "retrained": _scores(1.0, 0.9),
+               "refine:default": _scores(1.10, 0.95, look=0.70),
+               "refine:default@seed10": _scores(0.70, 0.95, look=0.70),
+               "refine:default@seed2": _scores(0.90, 0.80, look=0.60)}  # fmt: skip
+    rows = [line for line in _targets({"targets": {"heavy": {"adapters": {"palette/lora_r8": {"methods": methods}}}}})
+            if line.startswith("| heavy")]  # fmt: skip
+    # seed 0 alone (1.10×) would meet the style target; the mean of the three (0.90×) does not
+    assert "| 0.90× (seeds 1.10 / 0.90 / 0.70): missed (-0.10 vs 1.0×) |" in rows[0]
+    # seed 2 loses the content and the look: the cell misses both, shown with that seed's scores
+    assert "0.80 ± 0.02 vs 0.90 ± 0.02: missed (-0.10) |" in rows[0]
+    assert "0.60 ± 0.02 vs 0.70 ± 0.02: missed (-0.10) |" in rows[0]
+    alone = {k: v for k, v in methods.items() if "@seed" not in k}
+    row = next(line for line in _targets({"targets": {"heavy": {"adapters": {"palette/lora_r8": {"methods": alone}}}}})
+               if line.startswith("| heavy"))  # fmt: skip
+    assert "| 1.10× ± 0.03: met |" in row
