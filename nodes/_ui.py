@@ -121,7 +121,8 @@ TIP_SAMPLE_STEPS = (
 TIP_CFG = "Guidance scale of the generations; the negative prompt is neutral, or the prompt zeroed out without it."
 TIP_REFINE_SEED = (
     "Seeds the generations, the probes, the held-out split and the batch order: "
-    "the same inputs and seed give the same LoRA."
+    "the same inputs and seed give the same LoRA. Another seed can land a stronger or weaker effect; "
+    "if it comes out weak, try one."
 )
 TIP_BATCH = (
     "Probes per step (each runs with its neutral twin, so a step runs the model on twice as many) and per "
