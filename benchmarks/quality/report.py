@@ -225,8 +225,10 @@ def _short(gap: float) -> str:
 def _targets(doc: Mapping[str, Any]) -> list[str]:
     """Refinement at the defaults against its targets, cell by cell, read with the 95 % intervals.
 
-    Style: the ratio's point estimate ≥ the minimum. Content: not below copy's (the refined
-    interval's upper end reaches copy's mean). Look: ≥ copy's − tolerance, likewise. A missed
+    Style: the ratio's point estimate ≥ the minimum; with several refinement seeds
+    (:func:`_default_runs`), the mean of their ratios. Content: not below copy's (the refined
+    interval's upper end reaches copy's mean), on every seed. Look: ≥ copy's − tolerance,
+    likewise. A missed
     content target says when the retrained adapter is below copy's content too: there the style
     itself costs the classifier its shapes (stripes over a shape), so reaching the retrained
     style and copy's content at once is not possible.
