@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from . import data
 from .train import LYCORIS_KINDS
 
-__all__ = ["render_tables", "write_grids", "write_markdown"]
+__all__ = ["render_tables", "seed_run", "write_grids", "write_markdown"]
 
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 _COLUMNS = 8  # first seed's samples: two per class
@@ -92,7 +92,8 @@ def render_tables(doc: Mapping[str, Any]) -> str:
     cfg = doc["config"]
     n = cfg["seeds"] * cfg["per_seed"]
     lines.append(
-        f"Run: {doc['seconds'] / 60:.1f} min wall ({', '.join(f'{k} {v:.0f} s' for k, v in doc['timings'].items())}); "
+        f"Run: {doc['seconds'] / 60:.1f} min wall ({', '.join(f'{k} {v:.0f} s' for k, v in doc['timings'].items())}"
+        f"{'; with worker processes the classifier trains alongside the base models' if cfg.get('jobs', 1) > 1 else ''}); "
         f"{n} evaluation images per method ({cfg['seeds']} noise seeds × {cfg['per_seed']}); transfer R = "
         f"{cfg['transfer_rank']}, LoRA-X R = {cfg['lorax_rank']}, threshold c = {cfg['threshold']}; "
         f"quick = {cfg['quick']}. Every ± is a 95 % interval (1.96 standard errors of the mean over the images)."
@@ -102,6 +103,7 @@ def render_tables(doc: Mapping[str, Any]) -> str:
     lines.append("")
     lines.extend(_instrument(doc))
     lines.extend(_targets(doc))
+    lines.extend(_style_by_look(doc))
     lines.extend(_refine_summary(doc))
     lines.extend(_lycoris_summary(doc))
     domains = doc.get("domains", {})
@@ -280,11 +282,70 @@ def _targets(doc: Mapping[str, Any]) -> list[str]:
     ]
 
 
+_SEED_MARK = "@seed"
+
+
+def seed_run(name: str, seed: int) -> str:
+    """The row name of run ``name`` with ``RefineOptions.seed`` = ``seed``: ``default`` → ``default@seed<N>``.
+
+    The benchmark names its seed rows with this and :func:`_default_runs` reads them back.
+    """
+    return f"{name}{_SEED_MARK}{seed}"
+
+
+def _default_names(methods: Mapping[str, Any]) -> list[str]:
+    """``refine:default`` (seed 0) then its runs with further seeds (``refine:default@seed<N>``), those scored."""
+    prefix = seed_run("refine:default", 0)[:-1]
+    seeds = sorted(int(m.removeprefix(prefix)) for m in methods if m.startswith(prefix))
+    return [n for n in ("refine:default", *(seed_run("refine:default", seed) for seed in seeds)) if n in methods]
+
+
 def _default_runs(methods: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """``refine:default`` (seed 0) then its runs with further seeds (``refine:default@seed<N>``), as scored."""
-    seeds = sorted(int(m.rsplit("@seed", 1)[1]) for m in methods if m.startswith("refine:default@seed"))
-    names = ["refine:default", *(f"refine:default@seed{seed}" for seed in seeds)]
-    return [methods[n] for n in names if n in methods]
+    """The scores of :func:`_default_names`' runs."""
+    return [methods[n] for n in _default_names(methods)]
+
+
+#: A target whose bare model reads as its own domain in this share of its samples draws both looks.
+MIXED_LOOK: tuple[float, float] = (0.2, 0.8)
+
+
+def _style_by_look(doc: Mapping[str, Any]) -> list[str]:
+    """Style split by look on the refined cells of targets whose bare model draws both domains.
+
+    ``own look`` = the samples the classifier reads as the target's own domain (look > 0.5).
+    On such a target the style × retrained mixes two things: how strong the style is in the
+    samples that keep the target's look, and how many samples a method turns to the other look.
+    """
+    rows = []
+    for target, name, methods in _cells(doc):
+        none = methods.get("none")
+        names = _default_names(methods)
+        if (target not in TARGET_RULES or none is None or not names or "own_look_share" not in none
+                or not MIXED_LOOK[0] <= none["look"] <= MIXED_LOOK[1]):  # fmt: skip
+            continue
+        for method in ("none", "copy", *names, "retrained"):
+            m = methods.get(method)
+            if m is None:
+                continue
+            split = [_fmt(m[k], m[f"{k}_se"]) if m[k] is not None else "—" for k in ("style_own_look", "style_other_look")]
+            rows.append(f"| {target} | {name} | {method} | {m['own_look_share']:.2f} | {split[0]} | {split[1]} | "
+                        f"{_fmt(m['style'], m['style_se'])} |")  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "### Style by look, where the bare target draws both looks",
+        "",
+        f"Targets whose bare model reads as its own domain in {MIXED_LOOK[0]:g}–{MIXED_LOOK[1]:g} of its samples. "
+        "`own look` = the samples the classifier reads as the target's own domain (look > 0.5); the style is "
+        "the mean style probability of those samples and of the others (— where there are none). A method "
+        "reaches the retrained adapter's style by carrying the style into the target's own look, or by turning "
+        "samples to the other look (which the look target counts against it).",
+        "",
+        "| target | adapter | method | own look share | style, own look | style, other look | style |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _refine_summary(doc: Mapping[str, Any]) -> list[str]:

@@ -52,7 +52,7 @@ from . import data, rules
 from .distill import DistillConfig, add_refined
 from .evaluate import Sampler, classifier_accuracy, feature_bandwidth, merge, score
 from .model import Diffusion, ModelConfig, TextEncoder, ToyLDM, permute_internal_bases
-from .report import write_grids
+from .report import seed_run, write_grids
 from .train import (
     LYCORIS_KINDS,
     Classifier,
@@ -551,7 +551,7 @@ def _evaluate_cell(
     if target_name in REFINE_ON and auto is not None and refined:
         runs = {"default": cfg.refine_default}
         if target_name in REFINE_EVERY_ADAPTER_ON:
-            runs.update({f"default@seed{seed}": replace(cfg.refine_default, seed=seed) for seed in cfg.refine_seeds})
+            runs.update({seed_run("default", seed): replace(cfg.refine_default, seed=seed) for seed in cfg.refine_seeds})
         if name == _adapters(cfg)[0][0] and target_name in VARIANTS_ON:
             runs.update(cfg.refine_variants)
         add_refined(cell, source, _on_base(layers, source), target, auto.layers, "auto", world.sampler.text,
@@ -614,11 +614,17 @@ def build_adapters(
     cache: Path,
     base_names: tuple[str, ...],
     progress: Callable[[str], None] = log.info,
+    styles: tuple[str, ...] | None = None,
 ) -> dict[tuple[str, str, str], Layers]:
-    """Every adapter kind and style trained on each of ``base_names`` (cached); ``(base, style, name)`` → layers."""
+    """Every adapter kind and style trained on each of ``base_names`` (cached); ``(base, style, name)`` → layers.
+
+    ``styles`` (default: all of ``cfg.styles``) picks some of them; each keeps the seed it has in the full set.
+    """
     adapters: dict[tuple[str, str, str], Layers] = {}
     for base_name in base_names:
         for si, style in enumerate(cfg.styles):
+            if styles is not None and style not in styles:
+                continue
             for ai, (name, kind, rank) in enumerate(_adapters(cfg)):
                 seed = cfg.seed + 10 + 10 * si + ai
                 lr = {"lora": cfg.lora_lr, "lorax": cfg.lorax_lr, "loha": cfg.loha_lr, "lokr": cfg.lokr_lr}[kind]
@@ -632,6 +638,33 @@ def build_adapters(
                 adapters[(base_name, style, name)] = _adapter_layers(state)
                 progress(f"adapter {name} ({style}) on {base_name} ready")
     return adapters
+
+
+def _classifier_state(cfg: BenchConfig, cache: Path) -> dict[str, torch.Tensor]:
+    """The metric classifier's weights (cached); its initial weights come from ``torch.manual_seed(cfg.seed)``."""
+    torch.manual_seed(cfg.seed)
+    return _cached(cache / "classifier.pt",
+                   lambda: train_classifier(cfg.classifier_steps, 64, cfg.seed + 3).state_dict())  # fmt: skip
+
+
+def _world_job(job: tuple[BenchConfig, Path, str]) -> float:
+    """Build one shared piece of the world into the cache in a worker process; returns its seconds.
+
+    ``classifier`` needs nothing else; ``adapters:<style>`` (the source's adapters of one style)
+    needs ``source.pt`` in the cache. Every piece is seeded by itself, so the cache holds the
+    same tensors whichever process built it (``tests/quality/test_world_jobs.py``).
+    """
+    cfg, cache, what = job
+    torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    if what == "classifier":
+        _classifier_state(cfg, cache)
+    else:
+        style = what.removeprefix("adapters:")
+        text, diffusion = TextEncoder(cfg.model), Diffusion()
+        bases = _build_bases(replace(cfg, targets=()), text, diffusion, cache)
+        build_adapters(cfg, bases, text, diffusion, cache, ("source",), lambda _: None, styles=(style,))
+    return round(time.perf_counter() - started, 1)
 
 
 def run(
@@ -650,30 +683,64 @@ def run(
     """
     started = time.perf_counter()
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     cache = cache_root / cfg.fingerprint()
     text, diffusion = TextEncoder(cfg.model), Diffusion()
-
-    with _Stage(timings, "classifier"):
-        clf_state = _cached(cache / "classifier.pt",
-                            lambda: train_classifier(cfg.classifier_steps, 64, cfg.seed + 3).state_dict())  # fmt: skip
+    # With worker processes, this process builds only what every target shares (the source and
+    # its adapters); each worker builds its own target and the adapters retrained there, in parallel.
+    # A cold run trains the classifier in a worker while this process trains the source (neither
+    # needs the other), and splits the source's adapters by style.
+    own_targets = cfg.targets if cfg.jobs == 1 else ()
+    with ExitStack() as stack:
+        pool: ProcessPoolExecutor | None = None
+        if cfg.jobs > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=cfg.jobs,
+                                                           mp_context=multiprocessing.get_context("spawn")))  # fmt: skip
+        clf_job = pool.submit(_world_job, (cfg, cache, "classifier")) if pool is not None else None
+        if clf_job is None:
+            with _Stage(timings, "classifier"):
+                clf_state = _classifier_state(cfg, cache)
+        with _Stage(timings, "base_models"):
+            bases = _build_bases(replace(cfg, targets=own_targets), text, diffusion, cache)
+        with _Stage(timings, "adapters"):
+            if pool is not None:
+                style_jobs = [pool.submit(_world_job, (cfg, cache, f"adapters:{s}")) for s in cfg.styles[1:]]
+                build_adapters(cfg, bases, text, diffusion, cache, ("source",), progress, styles=cfg.styles[:1])
+                for job in style_jobs:
+                    job.result()
+            adapters = build_adapters(cfg, bases, text, diffusion, cache, ("source", *(t for t in own_targets
+                                                                                    if t in RETRAIN_ON)), progress)  # fmt: skip
+        if clf_job is not None:
+            timings["classifier"] = clf_job.result()  # trained (or read) alongside the stages above
+            clf_state = _classifier_state(cfg, cache)
         classifier = Classifier()
         classifier.load_state_dict(clf_state)
         classifier.eval()
         bandwidth = feature_bandwidth(classifier)
         clean_accuracy = classifier_accuracy(classifier)
         log.info("classifier accuracy on clean renders: %s", clean_accuracy)
-    # With worker processes, this process builds only what every target shares (the source and
-    # its adapters); each worker builds its own target and the adapters retrained there, in parallel.
-    own_targets = cfg.targets if cfg.jobs == 1 else ()
-    with _Stage(timings, "base_models"):
-        bases = _build_bases(replace(cfg, targets=own_targets), text, diffusion, cache)
+        return _evaluate(out, cfg, cache, pool, bases, adapters, text, diffusion, classifier, bandwidth,
+                         clean_accuracy, timings, started, progress, on_update)  # fmt: skip
 
-    with _Stage(timings, "adapters"):
-        adapters = build_adapters(cfg, bases, text, diffusion, cache, ("source", *(t for t in own_targets
-                                                                                if t in RETRAIN_ON)), progress)  # fmt: skip
 
+def _evaluate(
+    out: Path,
+    cfg: BenchConfig,
+    cache: Path,
+    pool: ProcessPoolExecutor | None,
+    bases: dict[str, ToyLDM],
+    adapters: dict[tuple[str, str, str], Layers],
+    text: TextEncoder,
+    diffusion: Diffusion,
+    classifier: Classifier,
+    bandwidth: float,
+    clean_accuracy: dict[str, float],
+    timings: dict[str, float],
+    started: float,
+    progress: Callable[[str], None],
+    on_update: Callable[[dict[str, object]], None] | None,
+) -> dict[str, object]:
+    """:func:`run`'s evaluation stage: every target (in ``pool``'s workers when given) and the source reference."""
     sampler = Sampler(text, diffusion, cfg.seeds, cfg.per_seed, cfg.ddim_steps, cfg.guidance)
     world = _World(cfg, bases, adapters, sampler, classifier, bandwidth)
     labels = sampler.labels()
@@ -682,13 +749,11 @@ def run(
     grids: dict[str, dict[str, torch.Tensor]] = {}
     reference: dict[str, object] = {}
 
-    with _Stage(timings, "evaluate"), ExitStack() as stack:
+    with _Stage(timings, "evaluate"):
         pending: dict[Future, str] | None = None
-        if cfg.jobs > 1:
+        if pool is not None:
             # targets in worker processes (each reads the world from the cache built above) while
             # this process scores the adapters on their own base
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=cfg.jobs,
-                                                           mp_context=multiprocessing.get_context("spawn")))  # fmt: skip
             pending = {pool.submit(_target_job, (cfg, cache, t)): t for t in cfg.targets}
         src = bases["source"]
         src_state = src.state_dict()

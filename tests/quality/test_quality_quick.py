@@ -85,6 +85,18 @@ def test_scores_are_probabilities(quick_run: tuple[Path, dict]) -> None:
                     assert m["distance"] is None  # no retrained reference on the unrelated target
 
 
+def test_style_split_by_look_adds_up_to_the_style(quick_run: tuple[Path, dict]) -> None:
+    _, doc = quick_run
+    for target, body in doc["targets"].items():
+        for name, entry in body["adapters"].items():
+            for method, m in entry["methods"].items():
+                share, own, other = m["own_look_share"], m["style_own_look"], m["style_other_look"]
+                assert _unit(share), (target, name, method)
+                assert (own is None) == (share == 0.0) and (other is None) == (share == 1.0), (target, name, method)
+                total = share * (own or 0.0) + (1 - share) * (other or 0.0)
+                assert total == pytest.approx(m["style"], abs=1e-9), (target, name, method)
+
+
 def test_retrained_reference_has_zero_distance_to_itself(quick_run: tuple[Path, dict]) -> None:
     _, doc = quick_run
     for target in RETRAIN_ON:

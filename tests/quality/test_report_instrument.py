@@ -84,3 +84,42 @@ def test_targets_judge_the_style_on_the_mean_over_seeds_and_content_on_every_see
     row = next(line for line in _targets({"targets": {"heavy": {"adapters": {"palette/lora_r8": {"methods": alone}}}}})
                if line.startswith("| heavy"))  # fmt: skip
     assert "| 1.10× ± 0.03: met |" in row
+
+
+def test_scores_split_the_style_by_look() -> None:
+    from benchmarks.quality.evaluate import Scores
+
+    summary = Scores(style=[1.0, 0.9, 0.2, 0.4], content=[1.0] * 4, look=[0.1, 0.3, 0.8, 0.9]).summary()
+    assert summary["own_look_share"] == 0.5
+    assert abs(summary["style_own_look"] - 0.3) < 1e-12
+    assert abs(summary["style_other_look"] - 0.95) < 1e-12
+    assert summary["style_other_look_se"] > 0
+    only_own = Scores(style=[0.5, 0.7], content=[1.0, 1.0], look=[0.9, 0.6]).summary()
+    assert only_own["own_look_share"] == 1.0
+    assert only_own["style_other_look"] is None and only_own["style_other_look_se"] is None
+
+
+def _split(style: float, look: float, own_share: float, own: float | None, other: float | None) -> dict[str, Any]:
+    return {**_scores(style, 0.9, look=look), "own_look_share": own_share, "style_own_look": own,
+            "style_own_look_se": None if own is None else 0.02, "style_other_look": other,
+            "style_other_look_se": None if other is None else 0.01}  # fmt: skip
+
+
+def test_style_by_look_only_where_the_bare_target_draws_both_looks() -> None:
+    from benchmarks.quality.report import _style_by_look
+
+    def cell(bare_look: float) -> dict[str, Any]:
+        return {"methods": {"none": _split(0.0, bare_look, bare_look, 0.0, 0.0),
+                            "copy": _split(0.6, 0.65, 0.65, 0.45, 0.98),
+                            "refine:default": _split(0.7, 0.42, 0.42, 0.34, 1.0),
+                            "refine:default@seed1": _split(0.72, 0.45, 0.45, 0.40, 1.0),
+                            "retrained": _split(1.0, 0.0, 0.0, None, 1.0)}}  # fmt: skip
+
+    doc = {"targets": {"finetuned": {"adapters": {"palette/lora_r16": cell(0.49)}},
+                       "heavy": {"adapters": {"palette/lora_r16": cell(1.0)}}}}  # fmt: skip
+    rows = [line for line in _style_by_look(doc) if line.startswith("| finetuned") or line.startswith("| heavy")]
+    assert [r.split(" | ")[2] for r in rows] == ["none", "copy", "refine:default", "refine:default@seed1", "retrained"]
+    assert rows[2] == "| finetuned | palette/lora_r16 | refine:default | 0.42 | 0.34 ± 0.04 | 1.00 ± 0.02 | 0.70 ± 0.02 |"
+    assert rows[4] == "| finetuned | palette/lora_r16 | retrained | 0.00 | — | 1.00 ± 0.02 | 1.00 ± 0.02 |"
+    # an older quality.json without the split, or no mixed-look target: no section
+    assert _style_by_look({"targets": {"heavy": {"adapters": {"palette/lora_r16": cell(1.0)}}}}) == []
