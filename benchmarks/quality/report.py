@@ -317,6 +317,8 @@ def _style_by_look(doc: Mapping[str, Any]) -> list[str]:
     samples that keep the target's look, and how many samples a method turns to the other look.
     """
     rows = []
+    cfg = doc.get("config", {})
+    images = cfg["seeds"] * cfg["per_seed"] if "seeds" in cfg else None
     for target, name, methods in _cells(doc):
         none = methods.get("none")
         names = _default_names(methods)
@@ -328,7 +330,8 @@ def _style_by_look(doc: Mapping[str, Any]) -> list[str]:
             if m is None:
                 continue
             split = [_fmt(m[k], m[f"{k}_se"]) if m[k] is not None else "—" for k in ("style_own_look", "style_other_look")]
-            rows.append(f"| {target} | {name} | {method} | {m['own_look_share']:.2f} | {split[0]} | {split[1]} | "
+            share = f"{m['own_look_share']:.2f}" + (f" ({round(m['own_look_share'] * images)})" if images else "")
+            rows.append(f"| {target} | {name} | {method} | {share} | {split[0]} | {split[1]} | "
                         f"{_fmt(m['style'], m['style_se'])} |")  # fmt: skip
     if not rows:
         return []
@@ -341,7 +344,7 @@ def _style_by_look(doc: Mapping[str, Any]) -> list[str]:
         "reaches the retrained adapter's style by carrying the style into the target's own look, or by turning "
         "samples to the other look (which the look target counts against it).",
         "",
-        "| target | adapter | method | own look share | style, own look | style, other look | style |",
+        "| target | adapter | method | own look share (images) | style, own look | style, other look | style |",
         "|---|---|---|---|---|---|---|",
         *rows,
         "",

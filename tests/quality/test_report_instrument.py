@@ -115,11 +115,12 @@ def test_style_by_look_only_where_the_bare_target_draws_both_looks() -> None:
                             "refine:default@seed1": _split(0.72, 0.45, 0.45, 0.40, 1.0),
                             "retrained": _split(1.0, 0.0, 0.0, None, 1.0)}}  # fmt: skip
 
-    doc = {"targets": {"finetuned": {"adapters": {"palette/lora_r16": cell(0.49)}},
+    doc = {"config": {"seeds": 20, "per_seed": 32},
+           "targets": {"finetuned": {"adapters": {"palette/lora_r16": cell(0.49)}},
                        "heavy": {"adapters": {"palette/lora_r16": cell(1.0)}}}}  # fmt: skip
     rows = [line for line in _style_by_look(doc) if line.startswith("| finetuned") or line.startswith("| heavy")]
     assert [r.split(" | ")[2] for r in rows] == ["none", "copy", "refine:default", "refine:default@seed1", "retrained"]
-    assert rows[2] == "| finetuned | palette/lora_r16 | refine:default | 0.42 | 0.34 ± 0.04 | 1.00 ± 0.02 | 0.70 ± 0.02 |"
-    assert rows[4] == "| finetuned | palette/lora_r16 | retrained | 0.00 | — | 1.00 ± 0.02 | 1.00 ± 0.02 |"
+    assert rows[2] == "| finetuned | palette/lora_r16 | refine:default | 0.42 (269) | 0.34 ± 0.04 | 1.00 ± 0.02 | 0.70 ± 0.02 |"
+    assert rows[4] == "| finetuned | palette/lora_r16 | retrained | 0.00 (0) | — | 1.00 ± 0.02 | 1.00 ± 0.02 |"
     # an older quality.json without the split, or no mixed-look target: no section
     assert _style_by_look({"targets": {"heavy": {"adapters": {"palette/lora_r16": cell(1.0)}}}}) == []
