@@ -719,21 +719,16 @@ def run(
         bandwidth = feature_bandwidth(classifier)
         clean_accuracy = classifier_accuracy(classifier)
         log.info("classifier accuracy on clean renders: %s", clean_accuracy)
-        return _evaluate(out, cfg, cache, pool, bases, adapters, text, diffusion, classifier, bandwidth,
-                         clean_accuracy, timings, started, progress, on_update)  # fmt: skip
+        sampler = Sampler(text, diffusion, cfg.seeds, cfg.per_seed, cfg.ddim_steps, cfg.guidance)
+        world = _World(cfg, bases, adapters, sampler, classifier, bandwidth)
+        return _evaluate(out, world, cache, pool, clean_accuracy, timings, started, progress, on_update)
 
 
 def _evaluate(
     out: Path,
-    cfg: BenchConfig,
+    world: _World,
     cache: Path,
     pool: ProcessPoolExecutor | None,
-    bases: dict[str, ToyLDM],
-    adapters: dict[tuple[str, str, str], Layers],
-    text: TextEncoder,
-    diffusion: Diffusion,
-    classifier: Classifier,
-    bandwidth: float,
     clean_accuracy: dict[str, float],
     timings: dict[str, float],
     started: float,
@@ -741,8 +736,8 @@ def _evaluate(
     on_update: Callable[[dict[str, object]], None] | None,
 ) -> dict[str, object]:
     """:func:`run`'s evaluation stage: every target (in ``pool``'s workers when given) and the source reference."""
-    sampler = Sampler(text, diffusion, cfg.seeds, cfg.per_seed, cfg.ddim_steps, cfg.guidance)
-    world = _World(cfg, bases, adapters, sampler, classifier, bandwidth)
+    cfg, bases, adapters, sampler = world.cfg, world.bases, world.adapters, world.sampler
+    classifier, bandwidth = world.classifier, world.bandwidth
     labels = sampler.labels()
     results: dict[str, object] = {}
     similarity: dict[str, object] = {}
