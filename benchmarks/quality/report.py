@@ -295,7 +295,7 @@ def seed_run(name: str, seed: int) -> str:
 
 def _default_names(methods: Mapping[str, Any]) -> list[str]:
     """``refine:default`` (seed 0) then its runs with further seeds (``refine:default@seed<N>``), those scored."""
-    prefix = seed_run("refine:default", 0)[:-1]
+    prefix = f"refine:default{_SEED_MARK}"
     seeds = sorted(int(m.removeprefix(prefix)) for m in methods if m.startswith(prefix))
     return [n for n in ("refine:default", *(seed_run("refine:default", seed) for seed in seeds)) if n in methods]
 
